@@ -1,0 +1,166 @@
+"""Load a fleet: read the inventory, validate every host, plan every GPU host.
+
+This is the single way configuration enters gpufleet: the CLI, the pyinfra inventory adapter
+and (later) the roles, the gateway, monitoring and load tests all start from `load_fleet`. It
+either returns a fully validated, planned fleet or raises one `ConfigError` listing every
+problem, before any host is contacted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpufleet.apikeys import ApiKey, read_api_keys
+from gpufleet.errors import ConfigError, Problem
+from gpufleet.inventory import Inventory, InventoryHost, load_inventory
+from gpufleet.paths import ROLES_DIR, display_path
+from gpufleet.planner.host import HostPlan, HostRefusal, plan_host
+from gpufleet.schema.host import REQUIRED_BY_GROUP, ROLE_GROUPS, HostVars
+from gpufleet.schema.validate import validate_host
+
+
+@dataclass(frozen=True)
+class FleetHost:
+    name: str
+    groups: tuple[str, ...]
+    config: HostVars
+    plan: HostPlan | None  # GPU hosts only
+    source: InventoryHost
+
+    def in_group(self, group: str) -> bool:
+        return group in self.groups
+
+
+@dataclass(frozen=True)
+class Fleet:
+    inventory: Inventory
+    hosts: tuple[FleetHost, ...]
+    api_keys: tuple[ApiKey, ...]
+
+    @property
+    def root(self) -> Path:
+        return self.inventory.root
+
+    def in_group(self, group: str) -> list[FleetHost]:
+        return [h for h in self.hosts if h.in_group(group)]
+
+    def host(self, name: str) -> FleetHost:
+        return next(h for h in self.hosts if h.name == name)
+
+
+def load_fleet(path: Path, check_secrets: bool = True, roles_dir: Path = ROLES_DIR) -> Fleet:
+    """Load and validate the inventory at `path`; raise `ConfigError` with every problem found.
+
+    `check_secrets=False` skips reading secret files (the API keys); the capacity planner does not
+    need them, so `gpufleet plan` works on a checkout that has no secrets yet.
+    """
+    inventory = load_inventory(Path(path), roles_dir)
+    problems: list[Problem] = []
+    hosts: list[FleetHost] = []
+    for source in inventory.hosts.values():
+        host, found = _load_host(inventory, source)
+        problems.extend(found)
+        if host is not None:
+            hosts.append(host)
+    problems.extend(_cross_host_problems(hosts))
+    keys: list[ApiKey] = []
+    if check_secrets and not problems:
+        keys = _read_keys(inventory, hosts, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Fleet(inventory=inventory, hosts=tuple(hosts), api_keys=tuple(keys))
+
+
+def _load_host(inventory: Inventory, source: InventoryHost) -> tuple[FleetHost | None, list[Problem]]:
+    roles = [g for g in ROLE_GROUPS if g in source.groups]
+    if not roles:
+        origin = source.defined_at
+        return None, [
+            Problem(
+                file=origin.file, line=origin.line, key=source.name,
+                message=f"host {source.name!r} is in no gpufleet group, so no role would run on it",
+                fix=f"list it under one of the groups {', '.join(ROLE_GROUPS)} (or a child group of one)",
+            )
+        ]
+    config, problems = validate_host(source)
+    if config is None:
+        return None, problems
+    for role in roles:
+        for section in REQUIRED_BY_GROUP[role]:
+            if getattr(config, section) is None:
+                origin = source.defined_at
+                problems.append(
+                    Problem(
+                        file=origin.file, line=origin.line, key=section, host=source.name,
+                        message=f"is required for hosts in group {role!r} but not set",
+                        fix=f"set {section} in group_vars/{role}.yml or host_vars/{source.name}.yml "
+                        "(see inventories/example)",
+                    )
+                )
+    if problems:
+        return None, problems
+    plan = None
+    if "gpu" in roles:
+        try:
+            plan = plan_host(source.name, config, inventory.root)
+        except HostRefusal as refusal:
+            origin = source.origin_of(tuple(refusal.key.split("."))) or source.defined_at
+            fix = refusal.nearest or "change the layout, model or serving settings"
+            return None, [
+                Problem(file=origin.file, line=origin.line, key=refusal.key, host=source.name,
+                        message=refusal.reason, fix=fix)
+            ]
+        except ConfigError as exc:  # e.g. an unreadable model.config_json
+            return None, exc.problems
+    return FleetHost(source.name, tuple(source.groups), config, plan, source), []
+
+
+def _cross_host_problems(hosts: list[FleetHost]) -> list[Problem]:
+    """Two inventory names for one SSH endpoint would deploy conflicting settings to one machine."""
+    problems: list[Problem] = []
+    seen: dict[tuple[str, int], FleetHost] = {}
+    for host in hosts:
+        if host.config.ansible_connection in ("local", "docker"):
+            continue
+        address = (host.config.ansible_host or host.name, host.config.ansible_port or 22)
+        other = seen.get(address)
+        if other is None:
+            seen[address] = host
+            continue
+        origin = host.source.origin_of(("ansible_host",)) or host.source.defined_at
+        problems.append(
+            Problem(
+                file=origin.file, line=origin.line, key="ansible_host", host=host.name,
+                message=f"hosts {other.name!r} and {host.name!r} both point at {address[0]}:{address[1]}",
+                fix="give each host its own ansible_host (or ansible_port), or remove the duplicate entry",
+            )
+        )
+    return problems
+
+
+def _read_keys(inventory: Inventory, hosts: list[FleetHost], problems: list[Problem]) -> list[ApiKey]:
+    keys: list[ApiKey] = []
+    read: set[Path] = set()
+    for host in hosts:
+        if not host.in_group("gateway") or host.config.gateway is None:
+            continue
+        path = (inventory.root / host.config.gateway.api_keys_file).resolve()
+        if path in read:
+            continue
+        read.add(path)
+        if not path.is_file():
+            origin = host.source.origin_of(("gateway", "api_keys_file")) or host.source.defined_at
+            problems.append(
+                Problem(
+                    file=origin.file, line=origin.line, key="gateway.api_keys_file", host=host.name,
+                    message=f"the API keys file {display_path(path)} does not exist",
+                    fix=f"create it with: gpufleet keys add {display_path(inventory.root)} <client-name>",
+                )
+            )
+            continue
+        try:
+            keys.extend(read_api_keys(path))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    return keys

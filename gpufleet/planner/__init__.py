@@ -1,0 +1,1 @@
+"""Capacity planning: what fits on a host's GPUs, and the engine flags that follow."""

@@ -1,0 +1,312 @@
+"""The typed sections a host's variables may hold.
+
+Each top-level variable of an inventory is one of these sections. Every field's description says
+what it is for; validation errors quote it as the fix, and the configuration reference in
+docs/configuration.md is generated from it, so the words stay in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gpufleet.schema.units import parse_listen, parse_size
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Size = Annotated[str, Field(description="a Docker-style size such as '32g' or '512m'")]
+
+
+class Section(BaseModel):
+    # strict: YAML already gives real ints/bools, so '4' in quotes is a mistake worth reporting
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _check_size(value: str | None) -> str | None:
+    if value is not None:
+        parse_size(value)
+    return value
+
+
+class Gpus(Section):
+    """The host's GPUs."""
+
+    model: str = Field(description="the GPU model from the catalogue, e.g. rtx-4090d, a100-80gb, h100-80gb")
+    count: int = Field(ge=1, le=16, description="how many GPUs of that model the host has")
+    memory_mib: int | None = Field(
+        default=None, ge=1024,
+        description="memory per GPU in MiB as nvidia-smi reports it; only needed for a GPU the catalogue lacks",
+    )
+
+
+_PINNED = re.compile(r"^[\w.\-/:]+(:[\w][\w.\-]{0,127})?(@sha256:[0-9a-f]{64})?$")
+
+
+class Engine(Section):
+    """The inference engine each instance runs."""
+
+    kind: Literal["vllm", "tgi", "sim"] = Field(
+        description="vllm, tgi, or sim (gpufleet's labelled simulator for machines without GPUs)"
+    )
+    image: str = Field(
+        description="the container image, pinned by a version tag or an @sha256 digest, e.g. vllm/vllm-openai:v0.11.0"
+    )
+    port: Port = Field(description="loopback port of the first instance; instance i listens on port + i")
+    extra_args: list[str] = Field(default_factory=list, description="extra engine command-line arguments")
+
+    @field_validator("image")
+    @classmethod
+    def _pinned(cls, image: str) -> str:
+        if not _PINNED.match(image):
+            raise ValueError(f"{image!r} is not an image reference")
+        name_part = image.split("@", 1)[0]
+        last = name_part.rsplit("/", 1)[-1]
+        tag = last.split(":", 1)[1] if ":" in last else None
+        if "@sha256:" not in image and (tag is None or tag == "latest"):
+            raise ValueError(
+                f"{image!r} is not pinned: 'latest' or no tag changes under you; "
+                "use a version tag (vllm/vllm-openai:v0.11.0) or a digest (@sha256:...)"
+            )
+        return image
+
+
+class RopeScaling(Section):
+    """RoPE scaling that stretches a model's context beyond max_position_embeddings."""
+
+    type: Literal["yarn", "linear", "dynamic"] = Field(description="the scaling method; Qwen2.5 documents yarn")
+    factor: float = Field(gt=1, description="how many times the original context is stretched, e.g. 4.0")
+    original_max_position_embeddings: int = Field(
+        ge=1, description="the model's native context, e.g. 32768 for Qwen2.5"
+    )
+
+
+class Model(Section):
+    """The model the instances serve."""
+
+    name: str = Field(
+        description="a catalogue model (gpufleet plan --catalogue lists them) or a Hugging Face repo id with config_json"
+    )
+    config_json: str | None = Field(
+        default=None,
+        description="path (relative to the inventory folder) of the model's config.json, for a model not in the catalogue",
+    )
+    served_name: str | None = Field(
+        default=None, description="the name clients put in 'model'; defaults to the model name"
+    )
+    revision: str | None = Field(default=None, description="the Hugging Face revision (commit or tag) to pin")
+    dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        default="auto", description="weight and activation dtype: auto, bfloat16 or float16"
+    )
+    quantization: Literal["awq", "gptq", "fp8"] | None = Field(
+        default=None, description="weight quantization: awq, gptq (both INT4), fp8, or null for none"
+    )
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
+        default="auto", description="KV cache dtype: auto (the model dtype) or an fp8 variant (half the bytes)"
+    )
+    max_model_len: int = Field(ge=16, description="the longest context (prompt + output) one request may use")
+    rope_scaling: RopeScaling | None = Field(
+        default=None, description="RoPE scaling, needed for a max_model_len above the model's native context"
+    )
+
+
+class Serving(Section):
+    """Engine scheduler and memory settings; the capacity planner checks them."""
+
+    gpu_memory_utilization: float = Field(
+        gt=0, le=1, description="fraction of each GPU's memory the engine may use (the seed: 0.95)"
+    )
+    max_num_seqs: int = Field(ge=1, description="most sequences batched at once (the seed: 256)")
+    max_num_batched_tokens: int | None = Field(
+        default=None, ge=16,
+        description="most tokens per scheduler step; null lets the planner choose vLLM's default for the GPU",
+    )
+    block_size: Literal[8, 16, 32] = Field(default=16, description="KV cache block size in tokens: 8, 16 or 32")
+    enforce_eager: bool = Field(default=False, description="disable CUDA graphs (saves their memory, costs speed)")
+
+
+class Layout(Section):
+    """How the host's GPUs are split into engine instances."""
+
+    instances: int = Field(ge=1, description="engine instances on the host, e.g. 1, 2 or 4")
+    tensor_parallel_size: int = Field(ge=1, description="GPUs per instance (tensor parallel size), e.g. 4, 2 or 1")
+    gpu_indices: list[list[Annotated[int, Field(ge=0)]]] | None = Field(
+        default=None,
+        description="GPU indices of each instance, e.g. [[0, 1], [2, 3]]; null assigns consecutive GPUs",
+    )
+
+    @model_validator(mode="after")
+    def _indices_match(self) -> Layout:
+        if self.gpu_indices is None:
+            return self
+        if len(self.gpu_indices) != self.instances:
+            raise ValueError(
+                f"gpu_indices lists {len(self.gpu_indices)} instances but instances is {self.instances}"
+            )
+        seen: set[int] = set()
+        for group in self.gpu_indices:
+            if len(group) != self.tensor_parallel_size:
+                raise ValueError(
+                    f"gpu_indices entry {group} has {len(group)} GPUs but tensor_parallel_size is "
+                    f"{self.tensor_parallel_size}"
+                )
+            reused = seen.intersection(group)
+            if reused:
+                raise ValueError(f"GPU {min(reused)} is given to two instances in gpu_indices")
+            seen.update(group)
+        return self
+
+    def assigned_gpus(self) -> list[list[int]]:
+        """The GPU indices of each instance, consecutive when not given."""
+        if self.gpu_indices is not None:
+            return [list(g) for g in self.gpu_indices]
+        tp = self.tensor_parallel_size
+        return [list(range(i * tp, (i + 1) * tp)) for i in range(self.instances)]
+
+
+_CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+
+
+class Limits(Section):
+    """cgroup limits of each engine container."""
+
+    memory: Size = Field(description="memory limit per instance, e.g. '32g' (swap is set equal: no swapping)")
+    cpus: float | None = Field(default=None, gt=0, description="CPU limit per instance, e.g. 8; or use cpuset")
+    cpuset: Literal["auto"] | list[str] | None = Field(
+        default=None,
+        description="'auto' to split the host's cores across instances, or one cpuset per instance like '0-7'",
+    )
+    pids: int = Field(ge=64, description="most processes/threads per container (pids-limit)")
+    shm_size: Size = Field(description="shared memory per instance, e.g. '8g' (needed for tensor parallel)")
+    ipc_host: bool = Field(default=False, description="share the host's IPC namespace instead of shm_size")
+
+    @field_validator("memory", "shm_size")
+    @classmethod
+    def _sizes(cls, value: str) -> str | None:
+        return _check_size(value)
+
+    @field_validator("cpuset")
+    @classmethod
+    def _cpusets(cls, value: object) -> object:
+        if isinstance(value, list):
+            for item in value:
+                if not _CPUSET.match(item):
+                    raise ValueError(f"{item!r} is not a cpuset; write CPU lists like '0-7' or '0,2,4-6'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_cpu_limit(self) -> Limits:
+        if self.cpus is not None and self.cpuset is not None:
+            raise ValueError("set cpus or cpuset, not both")
+        return self
+
+
+class Gateway(Section):
+    """The nginx gateway in front of the instances."""
+
+    listen: str = Field(description="address:port the gateway listens on, e.g. '0.0.0.0:8080'")
+    api_keys_file: str = Field(
+        description="file of API keys, one 'name key' per line, mode 0600; relative to the inventory folder "
+        "(create it with: gpufleet keys add INVENTORY NAME)"
+    )
+    rate_per_second: float = Field(gt=0, description="requests per second allowed per API key (the seed: 2)")
+    burst: int = Field(ge=0, description="requests a key may send above its rate before 429 (the seed: 4)")
+    nodelay: bool = Field(default=True, description="serve burst requests at once instead of spacing them")
+    max_conns_per_key: int = Field(ge=1, description="concurrent connections allowed per API key")
+    max_concurrency: int | None = Field(
+        default=None, ge=1,
+        description="requests in flight across the gateway before 429; null derives it from the capacity plan",
+    )
+    max_body_size: Size = Field(description="largest request body, e.g. '4m'")
+    read_timeout_s: int = Field(ge=1, description="seconds a stream may stay silent before nginx gives up")
+
+    @field_validator("max_body_size")
+    @classmethod
+    def _sizes(cls, value: str) -> str | None:
+        return _check_size(value)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+
+class Slo(Section):
+    """Service level objectives; alerts, the load-test gate and the report read them."""
+
+    ttft_p99_ms: float = Field(gt=0, description="time to first token, 99th percentile, in milliseconds")
+    itl_p99_ms: float = Field(gt=0, description="inter-token latency, 99th percentile, in milliseconds")
+    tpot_p99_ms: float | None = Field(
+        default=None, gt=0, description="time per output token (mean per request), 99th percentile, in ms"
+    )
+    e2e_p99_ms: float | None = Field(default=None, gt=0, description="end-to-end request latency p99, in ms")
+    max_error_rate: float = Field(ge=0, le=1, description="largest acceptable fraction of failed requests, e.g. 0.01")
+    min_output_tokens_per_s: float = Field(
+        ge=0, description="least aggregate output tokens/s the service must sustain at the tested load"
+    )
+    availability_target: float = Field(
+        gt=0, lt=1, description="availability objective for burn-rate alerts, e.g. 0.999"
+    )
+
+
+class Receiver(Section):
+    name: str = Field(min_length=1, description="receiver name used in Alertmanager routes")
+    kind: Literal["webhook"] = Field(default="webhook", description="receiver type: webhook")
+    url: str = Field(pattern=r"^https?://\S+$", description="the webhook URL, http:// or https://")
+
+
+class MonitoringPorts(Section):
+    prometheus: Port = Field(description="Prometheus port")
+    alertmanager: Port = Field(description="Alertmanager port")
+    grafana: Port = Field(description="Grafana port")
+    node_exporter: Port = Field(description="node_exporter port on every host")
+    gpu_exporter: Port = Field(description="gpufleet GPU exporter port on GPU hosts")
+    nginx_exporter: Port = Field(description="nginx exporter port on gateway hosts")
+
+
+class Monitoring(Section):
+    """Prometheus, Alertmanager and Grafana on the monitoring hosts, and the exporters they scrape."""
+
+    listen_address: str = Field(description="address the monitoring services bind to, e.g. 127.0.0.1")
+    scrape_interval_s: int = Field(ge=1, le=300, description="Prometheus scrape interval in seconds")
+    retention_days: int = Field(ge=1, description="days of metrics Prometheus keeps")
+    receivers: list[Receiver] = Field(min_length=1, description="where alerts go; the first is the default route")
+    ports: MonitoringPorts = Field(description="ports of the monitoring services and exporters")
+
+
+class NvidiaDriver(Section):
+    source: Literal["cuda_repo", "distro"] = Field(description="NVIDIA's CUDA repository or the distribution's packages")
+    branch: int = Field(ge=450, description="driver branch, e.g. 570")
+    version: str | None = Field(default=None, description="exact driver version to pin, e.g. '570.133.20'")
+    kernel_modules: Literal["auto", "open", "proprietary"] = Field(
+        description="open or proprietary kernel modules; auto picks open for Turing and newer from R560"
+    )
+    reboot: Literal["auto", "never"] = Field(description="reboot when the loaded module differs: auto or never")
+    repo_url: str = Field(description="CUDA repository base URL ({distro} becomes e.g. ubuntu2204); set for a mirror")
+    keyring_url: str = Field(description="URL of the cuda-keyring package; set for a mirror")
+
+
+class Cuda(Section):
+    install: bool = Field(description="install the CUDA toolkit on the host (engines bring their own in the image)")
+    version: str = Field(pattern=r"^\d+\.\d+$", description="toolkit version, e.g. '12.8'")
+
+
+class ContainerToolkit(Section):
+    version: str = Field(description="nvidia-container-toolkit version for all four packages, e.g. '1.17.8-1'")
+    repo_url: str = Field(description="NVIDIA container toolkit repository URL; set for a mirror")
+    gpg_key_url: str = Field(description="URL of the repository's signing key; set for a mirror")
+
+
+class Docker(Section):
+    source: Literal["docker_ce", "distro"] = Field(description="docker-ce from Docker's repository, or distro docker.io")
+    repo_url: str = Field(description="Docker's apt repository URL ({distro_id} becomes ubuntu/debian); set for a mirror")
+    gpg_key_url: str = Field(description="URL of Docker's signing key; set for a mirror")
+    log_max_size: Size = Field(description="json-file log rotation size per file, e.g. '100m'")
+    log_max_file: int = Field(ge=1, description="rotated log files kept per container")
+    live_restore: bool = Field(description="keep containers running while dockerd restarts")
+
+    @field_validator("log_max_size")
+    @classmethod
+    def _sizes(cls, value: str) -> str | None:
+        return _check_size(value)
