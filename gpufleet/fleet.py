@@ -31,6 +31,12 @@ class FleetHost:
     def in_group(self, group: str) -> bool:
         return group in self.groups
 
+    def to_json(self) -> dict:
+        """What `pyinfra INVENTORY debug-inventory` prints for `host.data.gpufleet`."""
+        from gpufleet.manifest import manifest
+
+        return manifest(self)
+
 
 @dataclass(frozen=True)
 class Fleet:

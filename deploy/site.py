@@ -1,0 +1,10 @@
+"""Converge the whole fleet: pyinfra inventories/<fleet>/inventory.py deploy/site.py
+
+Run from the repository root (pyinfra puts the working directory on the import path, which is
+how `roles` is found). The inventory has already been validated and planned by the time this
+runs; roles read each host's typed configuration from `host.data.gpufleet`.
+"""
+
+from roles import host_manifest
+
+host_manifest.apply()
