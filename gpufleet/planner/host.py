@@ -143,8 +143,9 @@ def resolve_model(config: HostVars, inventory_root: Path) -> tuple[ModelSpec, st
 def plan_input(config: HostVars, gpu: GpuSpec, model: ModelSpec, quantization: str | None) -> PlanInput:
     assert config.model and config.serving and config.layout
     serving = config.serving
-    batched = serving.max_num_batched_tokens or (
-        LARGE_GPU_BATCHED_TOKENS if gpu.large_batch_defaults else SMALL_GPU_BATCHED_TOKENS
+    # unset: vLLM's default for the GPU, raised to max_num_seqs as vLLM's scheduler requires
+    batched = serving.max_num_batched_tokens or max(
+        LARGE_GPU_BATCHED_TOKENS if gpu.large_batch_defaults else SMALL_GPU_BATCHED_TOKENS, serving.max_num_seqs
     )
     dtype = config.model.dtype if config.model.dtype != "auto" else model.torch_dtype
     rope = config.model.rope_scaling

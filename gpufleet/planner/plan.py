@@ -87,7 +87,15 @@ def plan_instance(spec: PlanInput) -> InstancePlan:
     """Size one instance, or raise `Refusal` naming the key at fault."""
     model, tp = spec.model, spec.tensor_parallel_size
     _check_parallelism(model, tp)
+    _check_quantization_groups(model, tp, spec.quantization)
     _check_context(spec)
+    if spec.max_num_batched_tokens < spec.max_num_seqs:
+        # vLLM's scheduler config refuses this at start-up: a step must fit one token per sequence
+        raise Refusal(
+            "serving.max_num_batched_tokens",
+            f"max_num_batched_tokens {spec.max_num_batched_tokens:,} is below max_num_seqs {spec.max_num_seqs:,}; "
+            "vLLM needs room for one token of every running sequence in a step",
+        )
     dtype_bytes = memory.DTYPE_BYTES[spec.dtype]
     kv_dtype_bytes = 1 if spec.kv_cache_dtype.startswith("fp8") else dtype_bytes
     total = spec.gpu.memory_bytes
@@ -146,6 +154,24 @@ def _check_parallelism(model: ModelSpec, tp: int) -> None:
             "layout.tensor_parallel_size",
             f"tensor_parallel_size {tp} cannot split or replicate the model's {kv_heads} KV heads evenly",
         )
+
+
+# AWQ and GPTQ store one scale per 128 consecutive input weights of a row-parallel layer, so each
+# GPU's slice of those inputs must be whole groups
+INT4_GROUP_SIZE = 128
+
+
+def _check_quantization_groups(model: ModelSpec, tp: int, quantization: str | None) -> None:
+    if quantization not in ("awq", "gptq"):
+        return
+    for what, inputs in (("MLP", model.intermediate_size), ("attention output", model.num_attention_heads
+                                                              * model.head_size)):
+        if (inputs // tp) % INT4_GROUP_SIZE:
+            raise Refusal(
+                "layout.tensor_parallel_size",
+                f"tensor_parallel_size {tp} gives each GPU {inputs // tp:,} {what} inputs, not whole "
+                f"{INT4_GROUP_SIZE}-wide {quantization.upper()} groups",
+            )
 
 
 def native_context(spec: PlanInput) -> int:
