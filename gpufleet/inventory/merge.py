@@ -31,7 +31,8 @@ def merge_layer(
             origins.setdefault(path, origin)
             merge_layer(current, origins, value, file, path)
             continue
-        _forget_below(origins, path)
+        if isinstance(current, (dict, list)):
+            _forget_below(origins, path)  # only containers have origins below them
         target[key] = _copy_with_origins(value, origins, file, path)
         origins[path] = origin
 
