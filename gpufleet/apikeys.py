@@ -52,13 +52,15 @@ def read_api_keys(path: Path, key_path: str = "gateway.api_keys_file") -> list[A
         name, key = parts
         if len(key) < MIN_KEY_LENGTH:
             problems.append(Problem(file=shown, line=number, key="",
-                                    message=f"the key for {name!r} is {len(key)} characters; at least {MIN_KEY_LENGTH} are needed",
+                                    message=f"the key for {name!r} is {len(key)} characters; "
+                                    f"at least {MIN_KEY_LENGTH} are needed",
                                     fix=f"replace it: gpufleet keys add {_inventory_hint(path)} {name} --replace"))
             continue
         if name in names:
             problems.append(Problem(file=shown, line=number, key="",
                                     message=f"client name {name!r} is used twice (first on line {names[name]})",
-                                    fix="give every client its own name"))
+                                    fix=f"remove one of the two {name!r} lines, or rename one: "
+                                    "every client needs its own name"))
             continue
         if key in values:
             problems.append(Problem(file=shown, line=number, key="",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gpufleet.apikeys import ApiKey, read_api_keys
 from gpufleet.errors import ConfigError, Problem
-from gpufleet.inventory import Inventory, InventoryHost, load_inventory
+from gpufleet.inventory import Inventory, InventoryHost, Origin, load_inventory
 from gpufleet.paths import ROLES_DIR, display_path
 from gpufleet.planner.host import HostPlan, HostRefusal, plan_host
 from gpufleet.schema.host import REQUIRED_BY_GROUP, ROLE_GROUPS, HostVars
@@ -64,11 +64,13 @@ def load_fleet(path: Path, check_secrets: bool = True, roles_dir: Path = ROLES_D
     inventory = load_inventory(Path(path), roles_dir)
     problems: list[Problem] = []
     hosts: list[FleetHost] = []
+    unset: Unset = {}
     for source in inventory.hosts.values():
-        host, found = _load_host(inventory, source)
+        host, found = _load_host(inventory, source, unset)
         problems.extend(found)
         if host is not None:
             hosts.append(host)
+    problems.extend(_unset_problems(unset))
     problems.extend(_cross_host_problems(hosts))
     keys: list[ApiKey] = []
     if check_secrets and not problems:
@@ -78,33 +80,40 @@ def load_fleet(path: Path, check_secrets: bool = True, roles_dir: Path = ROLES_D
     return Fleet(inventory=inventory, hosts=tuple(hosts), api_keys=tuple(keys))
 
 
-def _load_host(inventory: Inventory, source: InventoryHost) -> tuple[FleetHost | None, list[Problem]]:
+# (role group, section, where it was set to null or None when never set) -> hosts lacking it
+Unset = dict[tuple[str, str, Origin | None], list[InventoryHost]]
+
+
+def _load_host(
+    inventory: Inventory, source: InventoryHost, unset: Unset
+) -> tuple[FleetHost | None, list[Problem]]:
     roles = [g for g in ROLE_GROUPS if g in source.groups]
     if not roles:
         origin = source.defined_at
+        others = [g for g in source.groups if g != "all"]
+        where = (
+            f"only in group{'s' if len(others) > 1 else ''} {', '.join(repr(g) for g in others)}" if others
+            else "in no group"
+        )
+        also = f", or make {others[0]!r} a child group of one" if others else ""
         return None, [
             Problem(
                 file=origin.file, line=origin.line, key=source.name,
-                message=f"host {source.name!r} is in no gpufleet group, so no role would run on it",
-                fix=f"list it under one of the groups {', '.join(ROLE_GROUPS)} (or a child group of one)",
+                message=f"host {source.name!r} is {where}, so no gpufleet role would run on it",
+                fix=f"list it under one of the groups {', '.join(ROLE_GROUPS)}{also}",
             )
         ]
     config, problems = validate_host(source)
     if config is None:
         return None, problems
-    for role in roles:
-        for section in REQUIRED_BY_GROUP[role]:
-            if getattr(config, section) is None:
-                origin = source.defined_at
-                problems.append(
-                    Problem(
-                        file=origin.file, line=origin.line, key=section, host=source.name,
-                        message=f"is required for hosts in group {role!r} but not set",
-                        fix=f"set {section} in group_vars/{role}.yml or host_vars/{source.name}.yml "
-                        "(see inventories/example)",
-                    )
-                )
-    if problems:
+    lacking = False
+    for section in dict.fromkeys(s for role in roles for s in REQUIRED_BY_GROUP[role]):
+        if getattr(config, section) is None:
+            role = next(r for r in roles if section in REQUIRED_BY_GROUP[r])
+            nulled = source.origin_of((section,)) if section in source.vars else None
+            unset.setdefault((role, section, nulled), []).append(source)
+            lacking = True
+    if problems or lacking:
         return None, problems
     plan = None
     if "gpu" in roles:
@@ -120,6 +129,33 @@ def _load_host(inventory: Inventory, source: InventoryHost) -> tuple[FleetHost |
         except ConfigError as exc:  # e.g. an unreadable model.config_json
             return None, exc.problems
     return FleetHost(source.name, tuple(source.groups), config, plan, source), []
+
+
+def _unset_problems(unset: Unset) -> list[Problem]:
+    """A required section missing on several hosts of a group is one problem, naming the hosts."""
+    problems: list[Problem] = []
+    for (role, section, nulled), sources in unset.items():
+        names = [s.name for s in sources]
+        who = f"host {names[0]}" if len(names) == 1 else f"hosts {', '.join(names)}"
+        if nulled is not None:
+            problems.append(
+                Problem(
+                    file=nulled.file, line=nulled.line, key=section,
+                    message=f"is empty (null), but hosts in group {role!r} need it ({who})",
+                    fix=f"write the {section} settings under '{section}:' (see inventories/example)",
+                )
+            )
+            continue
+        where = f"host_vars/{names[0]}.yml" if len(names) == 1 else "host_vars/<host>.yml"
+        origin = sources[0].defined_at
+        problems.append(
+            Problem(
+                file=origin.file, line=origin.line, key=section,
+                message=f"is required for hosts in group {role!r} but not set ({who})",
+                fix=f"set {section} in group_vars/{role}.yml or {where} (see inventories/example)",
+            )
+        )
+    return problems
 
 
 def _cross_host_problems(hosts: list[FleetHost]) -> list[Problem]:
@@ -157,10 +193,11 @@ def _read_keys(inventory: Inventory, hosts: list[FleetHost], problems: list[Prob
         read.add(path)
         if not path.is_file():
             origin = host.source.origin_of(("gateway", "api_keys_file")) or host.source.defined_at
+            what = "is not a file" if path.exists() else "does not exist"
             problems.append(
                 Problem(
                     file=origin.file, line=origin.line, key="gateway.api_keys_file", host=host.name,
-                    message=f"the API keys file {display_path(path)} does not exist",
+                    message=f"the API keys file {display_path(path)} {what}",
                     fix=f"create it with: gpufleet keys add {display_path(inventory.root)} <client-name>",
                 )
             )

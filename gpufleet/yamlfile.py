@@ -30,10 +30,20 @@ class _StrictLoader(yaml.SafeLoader):
 
     source_name = "<yaml>"
 
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        # keys (and list indexes) from the document root to the value being built, so a
+        # duplicate key is reported with its full dotted path (gpus.count, not count)
+        self.key_path: list[str] = []
+
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> LineDict:
+    # keys written in this mapping itself, as opposed to those a merge key (<<: *anchor) brings in,
+    # which come first and which a written key may override
+    written = {id(key_node) for key_node, _ in node.value}
     loader.flatten_mapping(node)
     mapping = LineDict()
+    merged: set[Any] = set()
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         try:
@@ -50,25 +60,46 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
                     )
                 ]
             ) from None
-        if key in mapping:
+        line = key_node.start_mark.line + 1
+        if id(key_node) not in written:
+            merged.add(key)
+        elif key in merged:
+            merged.discard(key)  # a written key overrides a merged one, as YAML specifies
+        elif key in mapping:
             first = mapping.key_lines[key]
             raise ConfigError(
                 [
                     Problem(
                         file=loader.source_name,
-                        line=key_node.start_mark.line + 1,
-                        key=str(key),
+                        line=line,
+                        key=".".join([*loader.key_path, str(key)]),
                         message=f"duplicate key {key!r} (first written on line {first})",
-                        fix=f"keep one {key!r} entry in this mapping and merge the two",
+                        fix=f"write {key!r} once here: delete the entry on line {line} or merge it into line {first}",
                     )
                 ]
             )
-        mapping[key] = loader.construct_object(value_node, deep=True)
-        mapping.key_lines[key] = key_node.start_mark.line + 1
+        loader.key_path.append(str(key))
+        try:
+            mapping[key] = loader.construct_object(value_node, deep=True)
+        finally:
+            loader.key_path.pop()
+        mapping.key_lines[key] = line
     return mapping
 
 
+def _construct_sequence(loader: _StrictLoader, node: yaml.SequenceNode) -> list[Any]:
+    items: list[Any] = []
+    for index, child in enumerate(node.value):
+        loader.key_path.append(str(index))
+        try:
+            items.append(loader.construct_object(child, deep=True))
+        finally:
+            loader.key_path.pop()
+    return items
+
+
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
 def load_yaml(path: Path, display: str | None = None) -> Any:
@@ -82,7 +113,11 @@ def load_yaml(path: Path, display: str | None = None) -> Any:
         ) from None
     except OSError as exc:
         raise ConfigError(
-            [Problem(file=shown, key="", message=f"cannot be read: {exc.strerror}", fix="check the path and permissions")]
+            [
+                Problem(
+                    file=shown, key="", message=f"cannot be read: {exc.strerror}", fix="check the path and permissions"
+                )
+            ]
         ) from None
     loader = _StrictLoader(text)
     loader.source_name = shown
@@ -91,14 +126,28 @@ def load_yaml(path: Path, display: str | None = None) -> Any:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         what = exc.problem or exc.context or "invalid YAML"
+        fix = "correct the YAML syntax at that line (indentation, a missing ':' or an unclosed quote)"
+        if exc.problem and exc.context and exc.context_mark and mark and exc.context_mark.line != mark.line:
+            # e.g. an unclosed quote or bracket is found lines later: name where it started
+            start = exc.context_mark.line + 1
+            what += f" ({exc.context} that starts on line {start})"
+            fix = (f"correct the YAML syntax from line {start} to this line "
+                   "(indentation, a missing ':' or an unclosed quote or bracket)")
+        message = f"is not valid YAML: {what}"
+        if exc.problem == "but found another document":
+            message = "holds a second YAML document ('---'); gpufleet reads one document per file"
+            fix = "remove the '---' and merge the two documents into one mapping"
+        if "'\\t'" in what or "tab character" in what:
+            message = "is not valid YAML: found a tab character; YAML indents with spaces only"
+            fix = "replace the tab with spaces"
         raise ConfigError(
             [
                 Problem(
                     file=shown,
                     line=mark.line + 1 if mark else None,
                     key="",
-                    message=f"is not valid YAML: {what}",
-                    fix="correct the YAML syntax at that line (indentation, a missing ':' or an unclosed quote)",
+                    message=message,
+                    fix=fix,
                 )
             ]
         ) from None

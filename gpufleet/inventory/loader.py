@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gpufleet.errors import ConfigError, Problem
+from gpufleet.errors import ConfigError, Problem, show_value
 from gpufleet.inventory.merge import merge_layer
 from gpufleet.inventory.model import Group, Inventory, InventoryHost, KeyPath, Origin
 from gpufleet.paths import ROLES_DIR, display_path
@@ -32,8 +32,8 @@ def load_inventory(root: Path, roles_dir: Path = ROLES_DIR) -> Inventory:
     hosts_path = _find_hosts_file(root)
     shown = display_path(hosts_path)
     document = load_yaml(hosts_path, shown)
-    groups, host_entries = _read_groups(document, shown)
-    _set_depths(groups, shown)
+    groups, host_entries, edge_lines = _read_groups(document, shown)
+    _set_depths(groups, shown, edge_lines)
 
     problems: list[Problem] = []
     group_files = _group_var_files(root, groups, problems)
@@ -94,17 +94,29 @@ def _find_hosts_file(root: Path) -> Path:
 # hosts.yml ----------------------------------------------------------------------------------
 
 HostEntry = tuple[str, dict[str, Any] | None, int]  # (group, inline vars, line)
+EdgeLines = dict[tuple[str, str], int]  # (parent, child) -> line the child is written on
 
 
-def _read_groups(document: Any, shown: str) -> tuple[dict[str, Group], dict[str, list[HostEntry]]]:
+def _read_groups(
+    document: Any, shown: str
+) -> tuple[dict[str, Group], dict[str, list[HostEntry]], EdgeLines]:
     if document is None:
-        raise ConfigError([_empty_hosts(shown)])
+        raise ConfigError(
+            [Problem(file=shown, key="", message="is empty, so the inventory has no hosts", fix=_ALL_FIX)]
+        )
     if not isinstance(document, dict):
         raise ConfigError(
-            [Problem(file=shown, key="", message="must be a mapping of groups, starting with 'all:'", fix=_ALL_FIX)]
+            [
+                Problem(
+                    file=shown, key="",
+                    message=f"must be a mapping of groups starting with 'all:', got {show_value(document)}",
+                    fix=_ALL_FIX,
+                )
+            ]
         )
     groups: dict[str, Group] = {"all": Group("all")}
     host_entries: dict[str, list[HostEntry]] = {}
+    edge_lines: EdgeLines = {}
     problems: list[Problem] = []
     lines = document.key_lines if isinstance(document, LineDict) else {}
     for name, body in document.items():
@@ -112,12 +124,12 @@ def _read_groups(document: Any, shown: str) -> tuple[dict[str, Group], dict[str,
             # Ansible treats a top-level group other than `all` as a child of `all`.
             groups["all"].children.append(str(name))
         _read_group(str(name), body, "all" if name != "all" else None, groups, host_entries, shown,
-                    lines.get(name), problems, (str(name),))
+                    lines.get(name), problems, (str(name),), edge_lines)
     if not host_entries and not problems:
         problems.append(_empty_hosts(shown))
     if problems:
         raise ConfigError(problems)
-    return groups, host_entries
+    return groups, host_entries, edge_lines
 
 
 _ALL_FIX = "start the file with 'all:' and put groups under 'children:' (see inventories/example/hosts.yml)"
@@ -137,6 +149,7 @@ def _read_group(
     line: int | None,
     problems: list[Problem],
     path: tuple[str, ...],
+    edge_lines: EdgeLines,
 ) -> None:
     key = ".".join(path)
     if not _valid_group_name(name):
@@ -149,6 +162,8 @@ def _read_group(
         )
         return
     group = groups.setdefault(name, Group(name))
+    if parent is not None and line is not None:
+        edge_lines.setdefault((parent, name), line)
     if parent is not None and parent not in group.parents:
         group.parents.append(parent)
         if name not in groups[parent].children:
@@ -165,7 +180,7 @@ def _read_group(
         )
         return
     body_lines = body.key_lines if isinstance(body, LineDict) else {}
-    for sub, value in body.items():
+    for sub in body:
         if sub not in GROUP_KEYS:
             problems.append(
                 Problem(
@@ -204,7 +219,7 @@ def _read_group(
     child_lines = children.key_lines if isinstance(children, LineDict) else {}
     for child, child_body in children.items():
         _read_group(str(child), child_body, name, groups, host_entries, shown, child_lines.get(child),
-                    problems, (*path, "children", str(child)))
+                    problems, (*path, "children", str(child)), edge_lines)
 
 
 def _read_hosts(
@@ -239,11 +254,12 @@ def _read_hosts(
             continue
         entries = host_entries.setdefault(str(host), [])
         if any(g == group for g, _, _ in entries):
+            first = next(ln for g, _, ln in entries if g == group)
             problems.append(
                 Problem(
                     file=shown, line=host_line, key=f"{key}.{host}",
-                    message=f"host {host!r} is listed twice in group {group!r}",
-                    fix="list each host once per group",
+                    message=f"host {host!r} is listed twice in group {group!r} (first on line {first})",
+                    fix=f"list {host!r} once in group {group!r}: remove this entry or the one on line {first}",
                 )
             )
             continue
@@ -264,7 +280,7 @@ def _valid_group_name(name: str) -> bool:
     return bool(name) and name.replace("_", "a").isalnum() and name.isascii() and not name[0].isdigit()
 
 
-def _set_depths(groups: dict[str, Group], shown: str) -> None:
+def _set_depths(groups: dict[str, Group], shown: str, edge_lines: EdgeLines | None = None) -> None:
     """Depth = longest path from `all`; a cycle among children is an error."""
 
     def visit(name: str, trail: tuple[str, ...]) -> None:
@@ -274,7 +290,8 @@ def _set_depths(groups: dict[str, Group], shown: str) -> None:
                 raise ConfigError(
                     [
                         Problem(
-                            file=shown, key=child,
+                            file=shown, line=(edge_lines or {}).get((name, child)),
+                            key=".children.".join((*trail, child)),
                             message=f"group cycle: {cycle}",
                             fix=f"remove {child!r} from the children of {name!r}",
                         )
@@ -352,7 +369,8 @@ def _var_files(folder: Path) -> list[tuple[str, list[Path]]]:
             continue
         if entry.is_dir():
             files = sorted(p for p in entry.iterdir() if p.suffix in YAML_SUFFIXES and p.is_file())
-            found.setdefault(entry.name, []).extend(files)
+            if files:  # a folder without YAML files (a README, or empty) sets nothing
+                found.setdefault(entry.name, []).extend(files)
         elif entry.suffix in YAML_SUFFIXES:
             found.setdefault(entry.stem, []).insert(0, entry)
     return sorted(found.items())

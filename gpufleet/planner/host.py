@@ -18,9 +18,11 @@ from gpufleet.planner.catalogue import (
 from gpufleet.planner.flags import engine_flags
 from gpufleet.planner.plan import (
     TP_SIZES,
+    Candidate,
     InstancePlan,
     PlanInput,
     Refusal,
+    native_context,
     nearest_working,
     plan_instance,
 )
@@ -91,7 +93,7 @@ def resolve_gpu(config: HostVars) -> GpuSpec:
             raise HostRefusal(
                 "gpus.model",
                 f"GPU {config.gpus.model!r} is not in the catalogue",
-                f"{extra}use one of {', '.join(known)}, or set gpus.memory_mib for another GPU",
+                f"{extra}catalogue GPUs: {', '.join(known)}; for another GPU also set gpus.memory_mib",
             )
         spec = GpuSpec(
             id=config.gpus.model, name=config.gpus.model, memory_mib=config.gpus.memory_mib,
@@ -109,35 +111,52 @@ def resolve_model(config: HostVars, inventory_root: Path) -> tuple[ModelSpec, st
     setting = config.model
     if setting.config_json:
         path = (inventory_root / setting.config_json).resolve()
+        if not path.is_file():
+            raise HostRefusal(
+                "model.config_json",
+                f"{display_path(path)} does not exist",
+                "download the model's config.json from its Hugging Face repository to that path, or correct "
+                "model.config_json (it is relative to the inventory folder)",
+            )
         spec = model_from_config_json(path, display_path(path), setting.name)
     else:
         spec = find_model(setting.name)
         if spec is None:
             guess = did_you_mean(setting.name, [m.hf_id for m in models().values()] + list(models()))
-            extra = f"did you mean {guess!r}? " if guess else ""
+            listed = "gpufleet plan --catalogue lists the catalogue"
             raise HostRefusal(
                 "model.name",
                 f"model {setting.name!r} is not in the catalogue",
-                f"{extra}or set model.config_json to the model's config.json (gpufleet plan --catalogue lists models)",
+                f"did you mean {guess!r}? For a model outside the catalogue set model.config_json to its "
+                f"config.json ({listed})" if guess
+                else f"use a catalogue model ({listed}), or set model.config_json to the model's config.json",
             )
     wanted = setting.quantization
     if wanted is None or wanted == spec.quantization:
         return spec, spec.quantization
     if spec.quantization is not None:
+        variant = variant_of(spec, wanted)
+        other = f"set model.name to {variant.hf_id}" if variant else f"use {_a(wanted)} checkpoint"
         raise HostRefusal(
             "model.quantization",
-            f"{spec.hf_id} is a {spec.quantization.upper()} checkpoint, but model.quantization is {wanted!r}",
-            f"set model.quantization to {spec.quantization!r} or null, or use the {wanted.upper()} checkpoint",
+            f"{spec.hf_id} is {_a(spec.quantization)} checkpoint, but model.quantization is {wanted!r}",
+            f"set model.quantization to {spec.quantization!r} or null, or {other}",
         )
     if wanted == "fp8":
         return spec, "fp8"  # vLLM quantizes full-precision weights to FP8 at load time
     variant = variant_of(spec, wanted)
-    nearest = f"set model.name to {variant.hf_id}" if variant else f"use a {wanted.upper()} checkpoint of this model"
+    use = f"set model.name to {variant.hf_id}" if variant else f"use {_a(wanted)} checkpoint of this model"
     raise HostRefusal(
         "model.quantization",
         f"{spec.hf_id} holds full-precision weights; {wanted.upper()} needs a quantized checkpoint",
-        nearest,
+        f"{use}, or set model.quantization to null to serve the full-precision weights",
     )
+
+
+def _a(quantization: str) -> str:
+    """'an AWQ', 'a GPTQ', 'an FP8'."""
+    name = quantization.upper()
+    return f"{'an' if name[0] in 'AEFHILMNORSX' else 'a'} {name}"
 
 
 def plan_input(config: HostVars, gpu: GpuSpec, model: ModelSpec, quantization: str | None) -> PlanInput:
@@ -173,18 +192,15 @@ def plan_host(name: str, config: HostVars, inventory_root: Path) -> HostPlan:
     model, quantization = resolve_model(config, inventory_root)
     spec = plan_input(config, gpu, model, quantization)
     layout, count = config.layout, config.gpus.count
-    needed = layout.instances * layout.tensor_parallel_size
+    tp = layout.tensor_parallel_size
+    needed = layout.instances * tp
     if needed > count:
-        fit = count // layout.tensor_parallel_size
-        nearest = (
-            f"{fit} x TP{layout.tensor_parallel_size} (instances: {fit})" if fit
-            else f"a tensor_parallel_size of at most {count}"
-        )
+        fit = count // tp
         raise HostRefusal(
-            "layout.instances",
-            f"the layout needs {needed} GPUs ({layout.instances} x TP{layout.tensor_parallel_size}) "
-            f"but the host has {count}",
-            nearest,
+            "layout.instances" if fit else "layout.tensor_parallel_size",
+            f"the layout needs {needed} GPUs ({layout.instances} x TP{tp}) but the host has {count} (gpus.count)",
+            f"set layout.instances to {fit} ({fit} x TP{tp} uses {fit * tp} of the {count} GPUs)" if fit
+            else f"set layout.tensor_parallel_size to {count} or less",
         )
     for group in layout.gpu_indices or []:
         missing = [i for i in group if i >= count]
@@ -192,15 +208,12 @@ def plan_host(name: str, config: HostVars, inventory_root: Path) -> HostPlan:
             raise HostRefusal(
                 "layout.gpu_indices",
                 f"GPU index {missing[0]} does not exist on a host with {count} GPUs (0-{count - 1})",
-                f"use indices 0 to {count - 1}",
+                f"use GPU indices 0 to {count - 1}, or set layout.gpu_indices to null to assign consecutive GPUs",
             )
     try:
         instance_plan = plan_instance(spec)
     except Refusal as refusal:
-        nearest = nearest_working(spec, layout.instances, count)
-        raise HostRefusal(
-            refusal.key, refusal.reason, f"nearest layout that works: {nearest.describe()}" if nearest else None
-        ) from None
+        raise HostRefusal(refusal.key, refusal.reason, _refusal_fix(refusal, spec, config, gpu)) from None
     served = config.model.served_name or config.model.name
     flags = tuple(engine_flags(config.engine.kind, spec, config.model, served))
     instances = tuple(
@@ -211,6 +224,50 @@ def plan_host(name: str, config: HostVars, inventory_root: Path) -> HostPlan:
         host=name, gpu=gpu, gpu_count=count, engine=config.engine.kind, served_name=served,
         spec=spec, instances=instances, notes=tuple(_notes(spec, instance_plan, count, needed)),
     )
+
+
+def _refusal_fix(refusal: Refusal, spec: PlanInput, config: HostVars, gpu: GpuSpec) -> str | None:
+    """What to change: the context limit, the nearest layout that works, or the fewest GPUs that would."""
+    assert config.layout and config.gpus
+    layout, count = config.layout, config.gpus.count
+    base = spec.model.max_position_embeddings
+    if refusal.key == "model.max_model_len" and spec.max_model_len > native_context(spec):
+        factor = float(-(-spec.max_model_len // base))
+        if spec.rope_factor:
+            return (
+                f"lower model.max_model_len to {native_context(spec)} or less, "
+                f"or raise model.rope_scaling.factor to {factor:g}"
+            )
+        return (
+            f"lower model.max_model_len to {base} or less, or add model.rope_scaling: "
+            f"{{type: yarn, factor: {factor:.1f}, original_max_position_embeddings: {base}}}"
+        )
+    nearest = nearest_working(spec, layout.instances, count)
+    if nearest is not None:
+        return f"nearest layout that works: {nearest.describe()}"
+    bigger = _fewest_gpus(spec)
+    if bigger is None:
+        return f"no layout of this model fits {gpu.id} GPUs: use a smaller model or larger GPUs"
+    return (
+        f"no layout fits on {count} x {gpu.id}; with more GPUs the smallest that works is {bigger.describe()}; "
+        f"use a host with {bigger.spec.tensor_parallel_size} x {gpu.id}, larger GPUs, or a smaller model"
+    )
+
+
+def _fewest_gpus(spec: PlanInput) -> Candidate | None:
+    """One instance on the fewest GPUs that works, however many the host has (bf16 before INT4)."""
+    choices = [(spec.model, spec.quantization)]
+    int4 = variant_of(spec.model, "awq") if spec.quantization is None else None
+    if int4 is not None:
+        choices.append((int4, "awq"))
+    for tp in TP_SIZES:
+        for model, quantization in choices:
+            trial = replace(spec, model=model, quantization=quantization, tensor_parallel_size=tp)
+            try:
+                return Candidate(1, trial, plan_instance(trial))
+            except Refusal:
+                continue
+    return None
 
 
 def _notes(spec: PlanInput, plan: InstancePlan, count: int, used: int) -> list[str]:

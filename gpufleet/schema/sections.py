@@ -23,9 +23,31 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class Invalid(ValueError):
+    """A validator's complaint: what is wrong (naming the bad value) and, optionally, the fix.
+
+    `field` names the field at fault when a check across several fields fails, so the error
+    points at that key (layout.gpu_indices) rather than at the whole section.
+    """
+
+    def __init__(self, message: str, fix: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.fix = fix
+        self.field = field
+
+
+def _split(exc: ValueError) -> Invalid:
+    """units.py says 'what is wrong; what to write': keep the two apart."""
+    message, _, fix = str(exc).partition("; ")
+    return Invalid(message, fix or None)
+
+
 def _check_size(value: str | None) -> str | None:
     if value is not None:
-        parse_size(value)
+        try:
+            parse_size(value)
+        except ValueError as exc:
+            raise _split(exc) from None
     return value
 
 
@@ -58,16 +80,16 @@ class Engine(Section):
     @field_validator("image")
     @classmethod
     def _pinned(cls, image: str) -> str:
+        pin = "pin a version tag (e.g. vllm/vllm-openai:v0.11.0) or a digest (name@sha256:...)"
         if not _PINNED.match(image):
-            raise ValueError(f"{image!r} is not an image reference")
+            raise Invalid(f"{image!r} is not an image reference", "write name:tag, e.g. vllm/vllm-openai:v0.11.0")
         name_part = image.split("@", 1)[0]
         last = name_part.rsplit("/", 1)[-1]
         tag = last.split(":", 1)[1] if ":" in last else None
-        if "@sha256:" not in image and (tag is None or tag == "latest"):
-            raise ValueError(
-                f"{image!r} is not pinned: 'latest' or no tag changes under you; "
-                "use a version tag (vllm/vllm-openai:v0.11.0) or a digest (@sha256:...)"
-            )
+        if "@sha256:" not in image and tag == "latest":
+            raise Invalid(f"{image!r} is not pinned: 'latest' moves to a new release under you", pin)
+        if "@sha256:" not in image and tag is None:
+            raise Invalid(f"{image!r} is not pinned: an image without a tag means 'latest', which moves", pin)
         return image
 
 
@@ -85,11 +107,13 @@ class Model(Section):
     """The model the instances serve."""
 
     name: str = Field(
-        description="a catalogue model (gpufleet plan --catalogue lists them) or a Hugging Face repo id with config_json"
+        description="a catalogue model (gpufleet plan --catalogue lists them) "
+        "or a Hugging Face repo id with config_json"
     )
     config_json: str | None = Field(
         default=None,
-        description="path (relative to the inventory folder) of the model's config.json, for a model not in the catalogue",
+        description="path (relative to the inventory folder) of the model's config.json, "
+        "for a model not in the catalogue",
     )
     served_name: str | None = Field(
         default=None, description="the name clients put in 'model'; defaults to the model name"
@@ -139,21 +163,29 @@ class Layout(Section):
     def _indices_match(self) -> Layout:
         if self.gpu_indices is None:
             return self
+        n, tp = self.instances, self.tensor_parallel_size
+        example = [list(range(i * tp, (i + 1) * tp)) for i in range(n)]
+        fix = (
+            f"list {n} instance{'s' if n != 1 else ''} of {tp} GPU{'s' if tp != 1 else ''} each, no GPU twice, "
+            f"e.g. {example}, or set gpu_indices to null to assign consecutive GPUs"
+        )
         if len(self.gpu_indices) != self.instances:
-            raise ValueError(
-                f"gpu_indices lists {len(self.gpu_indices)} instances but instances is {self.instances}"
+            raise Invalid(
+                f"lists {len(self.gpu_indices)} instances but instances is {self.instances}", fix, "gpu_indices"
             )
-        seen: set[int] = set()
+        seen: dict[int, list[int]] = {}
         for group in self.gpu_indices:
             if len(group) != self.tensor_parallel_size:
-                raise ValueError(
-                    f"gpu_indices entry {group} has {len(group)} GPUs but tensor_parallel_size is "
-                    f"{self.tensor_parallel_size}"
+                raise Invalid(
+                    f"entry {group} has {len(group)} GPUs but tensor_parallel_size is {self.tensor_parallel_size}",
+                    fix, "gpu_indices",
                 )
-            reused = seen.intersection(group)
+            reused = sorted(set(seen).intersection(group))
             if reused:
-                raise ValueError(f"GPU {min(reused)} is given to two instances in gpu_indices")
-            seen.update(group)
+                raise Invalid(
+                    f"GPU {reused[0]} is given to two instances ({seen[reused[0]]} and {group})", fix, "gpu_indices"
+                )
+            seen.update(dict.fromkeys(group, group))
         return self
 
     def assigned_gpus(self) -> list[list[int]]:
@@ -191,13 +223,18 @@ class Limits(Section):
         if isinstance(value, list):
             for item in value:
                 if not _CPUSET.match(item):
-                    raise ValueError(f"{item!r} is not a cpuset; write CPU lists like '0-7' or '0,2,4-6'")
+                    raise Invalid(f"{item!r} is not a cpuset", "write CPU lists like '0-7' or '0,2,4-6'")
         return value
 
     @model_validator(mode="after")
     def _one_cpu_limit(self) -> Limits:
         if self.cpus is not None and self.cpuset is not None:
-            raise ValueError("set cpus or cpuset, not both")
+            raise Invalid(
+                f"is {self.cpuset!r} but limits.cpus is also set ({self.cpus:g}): use cpus or cpuset, not both",
+                "to pin CPUs, also set limits.cpus: null (cpus may come from another file or the role defaults); "
+                "to keep the cpus limit, remove limits.cpuset",
+                "cpuset",
+            )
         return self
 
 
@@ -228,7 +265,10 @@ class Gateway(Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        parse_listen(value)
+        try:
+            parse_listen(value)
+        except ValueError as exc:
+            raise _split(exc) from None
         return value
 
 
@@ -276,7 +316,9 @@ class Monitoring(Section):
 
 
 class NvidiaDriver(Section):
-    source: Literal["cuda_repo", "distro"] = Field(description="NVIDIA's CUDA repository or the distribution's packages")
+    source: Literal["cuda_repo", "distro"] = Field(
+        description="NVIDIA's CUDA repository or the distribution's packages"
+    )
     branch: int = Field(ge=450, description="driver branch, e.g. 570")
     version: str | None = Field(default=None, description="exact driver version to pin, e.g. '570.133.20'")
     kernel_modules: Literal["auto", "open", "proprietary"] = Field(
@@ -299,8 +341,12 @@ class ContainerToolkit(Section):
 
 
 class Docker(Section):
-    source: Literal["docker_ce", "distro"] = Field(description="docker-ce from Docker's repository, or distro docker.io")
-    repo_url: str = Field(description="Docker's apt repository URL ({distro_id} becomes ubuntu/debian); set for a mirror")
+    source: Literal["docker_ce", "distro"] = Field(
+        description="docker-ce from Docker's repository, or distro docker.io"
+    )
+    repo_url: str = Field(
+        description="Docker's apt repository URL ({distro_id} becomes ubuntu/debian); set for a mirror"
+    )
     gpg_key_url: str = Field(description="URL of Docker's signing key; set for a mirror")
     log_max_size: Size = Field(description="json-file log rotation size per file, e.g. '100m'")
     log_max_file: int = Field(ge=1, description="rotated log files kept per container")
