@@ -7,7 +7,7 @@ CLI can print them without a traceback and exit with code 2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 EXIT_CONFIG_ERROR = 2
@@ -57,7 +57,7 @@ class Problem:
     def render(self) -> str:
         head = self.location()
         if self.host:
-            head += f" (host {self.host})"
+            head += f" (host{'s' if ', ' in self.host else ''} {self.host})"
         if self.key:
             head += f": {self.key}"
         return f"{head}: {self.message}\n  fix: {self.fix}"
@@ -90,13 +90,20 @@ class ConfigError(Exception):
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:
-    # A group value shared by many hosts fails once per host; report it once.
-    seen: set[tuple[Any, ...]] = set()
-    unique: list[Problem] = []
+    """Report a value shared by many hosts (a group_vars setting) once, naming every host it fails on."""
+    order: list[tuple[Any, ...]] = []
+    grouped: dict[tuple[Any, ...], list[Problem]] = {}
     for problem in problems:
         ident = (problem.file, problem.line, problem.key, problem.message)
-        if ident in seen:
-            continue
-        seen.add(ident)
-        unique.append(problem)
+        if ident not in grouped:
+            order.append(ident)
+            grouped[ident] = []
+        grouped[ident].append(problem)
+    unique: list[Problem] = []
+    for ident in order:
+        first, *rest = grouped[ident]
+        hosts = [p.host for p in (first, *rest) if p.host]
+        if len(hosts) > 1:
+            first = replace(first, host=", ".join(dict.fromkeys(hosts)))
+        unique.append(first)
     return unique

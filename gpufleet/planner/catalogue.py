@@ -126,14 +126,17 @@ def model_from_config_json(path: Path, shown: str, hf_id: str) -> ModelSpec:
                      fix="use the model's config.json exactly as published with the weights")]
         ) from None
     if not isinstance(config, dict):
-        raise ConfigError([Problem(file=shown, key="", message="is not a JSON object", fix="use the model's config.json")])
+        raise ConfigError(
+            [Problem(file=shown, key="", message="is not a JSON object", fix="use the model's config.json")]
+        )
     # multimodal and some newer configs nest the language model's settings
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     missing = [k for k in _REQUIRED_CONFIG_KEYS if not isinstance(text.get(k), int)]
     if missing:
         raise ConfigError(
             [Problem(file=shown, key=missing[0], message=f"has no integer {missing[0]!r}",
-                     fix="use a decoder-only transformer's config.json (fields: " + ", ".join(_REQUIRED_CONFIG_KEYS) + ")")]
+                     fix="use a decoder-only transformer's config.json (fields: "
+                     + ", ".join(_REQUIRED_CONFIG_KEYS) + ")")]
         )
     quant_cfg = config.get("quantization_config") or {}
     method = str(quant_cfg.get("quant_method", "")).lower() or None

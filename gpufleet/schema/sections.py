@@ -69,7 +69,7 @@ class Engine(Section):
     """The inference engine each instance runs."""
 
     kind: Literal["vllm", "tgi", "sim"] = Field(
-        description="vllm, tgi, or sim (gpufleet's labelled simulator for machines without GPUs)"
+        description="vllm, tgi, or sim: gpufleet's labelled simulator for machines without GPUs"
     )
     image: str = Field(
         description="the container image, pinned by a version tag or an @sha256 digest, e.g. vllm/vllm-openai:v0.11.0"
@@ -107,28 +107,28 @@ class Model(Section):
     """The model the instances serve."""
 
     name: str = Field(
-        description="a catalogue model (gpufleet plan --catalogue lists them) "
+        description="a catalogue model, as listed by gpufleet plan --catalogue, "
         "or a Hugging Face repo id with config_json"
     )
     config_json: str | None = Field(
         default=None,
-        description="path (relative to the inventory folder) of the model's config.json, "
+        description="path of the model's config.json, relative to the inventory folder, "
         "for a model not in the catalogue",
     )
     served_name: str | None = Field(
         default=None, description="the name clients put in 'model'; defaults to the model name"
     )
-    revision: str | None = Field(default=None, description="the Hugging Face revision (commit or tag) to pin")
+    revision: str | None = Field(default=None, description="the Hugging Face revision to pin: a commit or tag")
     dtype: Literal["auto", "bfloat16", "float16"] = Field(
         default="auto", description="weight and activation dtype: auto, bfloat16 or float16"
     )
     quantization: Literal["awq", "gptq", "fp8"] | None = Field(
-        default=None, description="weight quantization: awq, gptq (both INT4), fp8, or null for none"
+        default=None, description="weight quantization: awq or gptq (both INT4), fp8, or null for none"
     )
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
-        default="auto", description="KV cache dtype: auto (the model dtype) or an fp8 variant (half the bytes)"
+        default="auto", description="KV cache dtype: auto for the model dtype, or an fp8 variant for half the bytes"
     )
-    max_model_len: int = Field(ge=16, description="the longest context (prompt + output) one request may use")
+    max_model_len: int = Field(ge=16, description="the longest context, prompt plus output, one request may use")
     rope_scaling: RopeScaling | None = Field(
         default=None, description="RoPE scaling, needed for a max_model_len above the model's native context"
     )
@@ -138,22 +138,22 @@ class Serving(Section):
     """Engine scheduler and memory settings; the capacity planner checks them."""
 
     gpu_memory_utilization: float = Field(
-        gt=0, le=1, description="fraction of each GPU's memory the engine may use (the seed: 0.95)"
+        gt=0, le=1, description="fraction of each GPU's memory the engine may use; the seed uses 0.95"
     )
-    max_num_seqs: int = Field(ge=1, description="most sequences batched at once (the seed: 256)")
+    max_num_seqs: int = Field(ge=1, description="most sequences batched at once; the seed uses 256")
     max_num_batched_tokens: int | None = Field(
         default=None, ge=16,
         description="most tokens per scheduler step; null lets the planner choose vLLM's default for the GPU",
     )
     block_size: Literal[8, 16, 32] = Field(default=16, description="KV cache block size in tokens: 8, 16 or 32")
-    enforce_eager: bool = Field(default=False, description="disable CUDA graphs (saves their memory, costs speed)")
+    enforce_eager: bool = Field(default=False, description="disable CUDA graphs: saves their memory, costs speed")
 
 
 class Layout(Section):
     """How the host's GPUs are split into engine instances."""
 
     instances: int = Field(ge=1, description="engine instances on the host, e.g. 1, 2 or 4")
-    tensor_parallel_size: int = Field(ge=1, description="GPUs per instance (tensor parallel size), e.g. 4, 2 or 1")
+    tensor_parallel_size: int = Field(ge=1, description="GPUs per instance, e.g. 4, 2 or 1")
     gpu_indices: list[list[Annotated[int, Field(ge=0)]]] | None = Field(
         default=None,
         description="GPU indices of each instance, e.g. [[0, 1], [2, 3]]; null assigns consecutive GPUs",
@@ -202,14 +202,14 @@ _CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 class Limits(Section):
     """cgroup limits of each engine container."""
 
-    memory: Size = Field(description="memory limit per instance, e.g. '32g' (swap is set equal: no swapping)")
+    memory: Size = Field(description="memory limit per instance, e.g. '32g'; swap is set equal, so no swapping")
     cpus: float | None = Field(default=None, gt=0, description="CPU limit per instance, e.g. 8; or use cpuset")
     cpuset: Literal["auto"] | list[str] | None = Field(
         default=None,
         description="'auto' to split the host's cores across instances, or one cpuset per instance like '0-7'",
     )
-    pids: int = Field(ge=64, description="most processes/threads per container (pids-limit)")
-    shm_size: Size = Field(description="shared memory per instance, e.g. '8g' (needed for tensor parallel)")
+    pids: int = Field(ge=64, description="most processes and threads per container, the pids-limit")
+    shm_size: Size = Field(description="shared memory per instance, e.g. '8g', needed for tensor parallel")
     ipc_host: bool = Field(default=False, description="share the host's IPC namespace instead of shm_size")
 
     @field_validator("memory", "shm_size")
@@ -246,8 +246,8 @@ class Gateway(Section):
         description="file of API keys, one 'name key' per line, mode 0600; relative to the inventory folder "
         "(create it with: gpufleet keys add INVENTORY NAME)"
     )
-    rate_per_second: float = Field(gt=0, description="requests per second allowed per API key (the seed: 2)")
-    burst: int = Field(ge=0, description="requests a key may send above its rate before 429 (the seed: 4)")
+    rate_per_second: float = Field(gt=0, description="requests per second allowed per API key; the seed uses 2")
+    burst: int = Field(ge=0, description="requests a key may send above its rate before 429; the seed uses 4")
     nodelay: bool = Field(default=True, description="serve burst requests at once instead of spacing them")
     max_conns_per_key: int = Field(ge=1, description="concurrent connections allowed per API key")
     max_concurrency: int | None = Field(
@@ -278,7 +278,7 @@ class Slo(Section):
     ttft_p99_ms: float = Field(gt=0, description="time to first token, 99th percentile, in milliseconds")
     itl_p99_ms: float = Field(gt=0, description="inter-token latency, 99th percentile, in milliseconds")
     tpot_p99_ms: float | None = Field(
-        default=None, gt=0, description="time per output token (mean per request), 99th percentile, in ms"
+        default=None, gt=0, description="time per output token, the mean per request, 99th percentile, in ms"
     )
     e2e_p99_ms: float | None = Field(default=None, gt=0, description="end-to-end request latency p99, in ms")
     max_error_rate: float = Field(ge=0, le=1, description="largest acceptable fraction of failed requests, e.g. 0.01")
@@ -325,12 +325,12 @@ class NvidiaDriver(Section):
         description="open or proprietary kernel modules; auto picks open for Turing and newer from R560"
     )
     reboot: Literal["auto", "never"] = Field(description="reboot when the loaded module differs: auto or never")
-    repo_url: str = Field(description="CUDA repository base URL ({distro} becomes e.g. ubuntu2204); set for a mirror")
+    repo_url: str = Field(description="CUDA repository base URL, where {distro} becomes e.g. ubuntu2204; set for a mirror")
     keyring_url: str = Field(description="URL of the cuda-keyring package; set for a mirror")
 
 
 class Cuda(Section):
-    install: bool = Field(description="install the CUDA toolkit on the host (engines bring their own in the image)")
+    install: bool = Field(description="install the CUDA toolkit on the host; engines bring their own in the image")
     version: str = Field(pattern=r"^\d+\.\d+$", description="toolkit version, e.g. '12.8'")
 
 
@@ -345,7 +345,7 @@ class Docker(Section):
         description="docker-ce from Docker's repository, or distro docker.io"
     )
     repo_url: str = Field(
-        description="Docker's apt repository URL ({distro_id} becomes ubuntu/debian); set for a mirror"
+        description="Docker's apt repository URL, where {distro_id} becomes ubuntu or debian; set for a mirror"
     )
     gpg_key_url: str = Field(description="URL of Docker's signing key; set for a mirror")
     log_max_size: Size = Field(description="json-file log rotation size per file, e.g. '100m'")

@@ -78,7 +78,7 @@ def test_a_layout_that_cannot_fit_is_refused_with_the_nearest_that_does(example_
     assert result.code == 2
     assert "Traceback" not in result.err
     assert result.err == (
-        "error: example/group_vars/gpu.yml:14 (host gpu-01): model.max_model_len: the KV cache holds 127,136 "
+        "error: example/group_vars/gpu.yml:14 (hosts gpu-01, gpu-02): model.max_model_len: the KV cache holds 127,136 "
         "tokens per instance at TP1, fewer than one 131,072-token request (max_model_len)\n"
         "  fix: nearest layout that works: 2 x TP2 (Qwen/Qwen2.5-7B-Instruct, max_model_len 131,072): "
         "519,296 KV tokens per instance, 3 concurrent at 131,072 tokens\n"

@@ -16,7 +16,8 @@ from tests.integration.conftest import EXAMPLE, gpufleet, pyinfra
 def _local_fleet(tmp_path: Path) -> Path:
     root = tmp_path / "local"
     shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns("secrets", "host_vars", "gateway.yml"))
-    (root / "hosts.yml").write_text("all:\n  children:\n    gpu:\n      hosts:\n        gpu-01: {ansible_connection: local}\n")
+    hosts = "all:\n  children:\n    gpu:\n      hosts:\n        gpu-01: {ansible_connection: local}\n"
+    (root / "hosts.yml").write_text(hosts)
     return root
 
 

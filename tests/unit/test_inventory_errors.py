@@ -307,7 +307,7 @@ SCHEMA_CASES = [
     pytest.param(
         _gpu("  max_num_seqs: 256\n", "  max_num_seqs: true\n"),
         "error: <root>/group_vars/gpu.yml:9: serving.max_num_seqs: must be a whole number, got true\n"
-        "  fix: set serving.max_num_seqs to a whole number (most sequences batched at once (the seed: 256))",
+        "  fix: set serving.max_num_seqs to a whole number (most sequences batched at once; the seed uses 256)",
         id="bool-where-int-expected",
     ),
     pytest.param(
@@ -333,7 +333,7 @@ SCHEMA_CASES = [
         _gpu("  gpu_memory_utilization: 0.95\n", "  gpu_memory_utilization: 1.5\n"),
         "error: <root>/group_vars/gpu.yml:8: serving.gpu_memory_utilization: must be <= 1, got 1.5\n"
         "  fix: set serving.gpu_memory_utilization to a value <= 1 (fraction of each GPU's memory the engine may "
-        "use (the seed: 0.95))",
+        "use; the seed uses 0.95)",
         id="gpu-memory-utilization-above-1",
     ),
     pytest.param(
@@ -461,7 +461,7 @@ def test_role_and_host_errors(make_inventory, files, expected):
 PLANNER_CASES = [
     pytest.param(
         _gpu("  instances: 1\n", "  instances: 2\n"),
-        "error: <root>/group_vars/gpu.yml:12 (host gpu-01): layout.instances: "
+        "error: <root>/group_vars/gpu.yml:12 (hosts gpu-01, gpu-02): layout.instances: "
         "the layout needs 8 GPUs (2 x TP4) but the host has 4 (gpus.count)\n"
         "  fix: set layout.instances to 1 (1 x TP4 uses 4 of the 4 GPUs)",
         id="layout-needs-more-gpus",
@@ -482,7 +482,7 @@ PLANNER_CASES = [
     ),
     pytest.param(
         _gpu("  tensor_parallel_size: 4\n", "  tensor_parallel_size: 3\n"),
-        "error: <root>/group_vars/gpu.yml:13 (host gpu-01): layout.tensor_parallel_size: "
+        "error: <root>/group_vars/gpu.yml:13 (hosts gpu-01, gpu-02): layout.tensor_parallel_size: "
         "tensor_parallel_size 3 does not divide the model's 28 attention heads\n"
         "  fix: nearest layout that works: 2 x TP2 (Qwen/Qwen2.5-7B-Instruct, max_model_len 32,768): "
         "519,296 KV tokens per instance, 15 concurrent at 32,768 tokens",
@@ -490,7 +490,7 @@ PLANNER_CASES = [
     ),
     pytest.param(
         _gpu("  max_model_len: 32768\n", "  max_model_len: 65536\n"),
-        "error: <root>/group_vars/gpu.yml:6 (host gpu-01): model.max_model_len: max_model_len 65,536 exceeds "
+        "error: <root>/group_vars/gpu.yml:6 (hosts gpu-01, gpu-02): model.max_model_len: max_model_len 65,536 exceeds "
         "the model's 32,768-token context; longer contexts need model.rope_scaling\n"
         "  fix: lower model.max_model_len to 32768 or less, or add model.rope_scaling: "
         "{type: yarn, factor: 2.0, original_max_position_embeddings: 32768}",
@@ -500,7 +500,7 @@ PLANNER_CASES = [
         _gpu("  max_model_len: 32768\n",
              "  max_model_len: 200000\n"
              "  rope_scaling: {type: yarn, factor: 4.0, original_max_position_embeddings: 32768}\n"),
-        "error: <root>/group_vars/gpu.yml:6 (host gpu-01): model.max_model_len: max_model_len 200,000 exceeds "
+        "error: <root>/group_vars/gpu.yml:6 (hosts gpu-01, gpu-02): model.max_model_len: max_model_len 200,000 exceeds "
         "the 131,072 tokens the model reaches with rope_scaling factor 4\n"
         "  fix: lower model.max_model_len to 131072 or less, or raise model.rope_scaling.factor to 7",
         id="context-beyond-the-rope-factor",
@@ -519,14 +519,14 @@ PLANNER_CASES = [
     ),
     pytest.param(
         _gpu("  model: rtx-4090d\n", "  model: rtx-4090ti\n"),
-        "error: <root>/group_vars/gpu.yml:2 (host gpu-01): gpus.model: GPU 'rtx-4090ti' is not in the catalogue\n"
+        "error: <root>/group_vars/gpu.yml:2 (hosts gpu-01, gpu-02): gpus.model: GPU 'rtx-4090ti' is not in the catalogue\n"
         "  fix: did you mean 'rtx-4090'? catalogue GPUs: rtx-4090, rtx-4090d, l40s, a100-40gb, a100-80gb, "
         "h100-80gb, h200; for another GPU also set gpus.memory_mib",
         id="unknown-gpu-model",
     ),
     pytest.param(
         _gpu("  name: Qwen/Qwen2.5-7B-Instruct\n", "  name: Qwen/Qwen2.5-7B-Instuct\n"),
-        "error: <root>/group_vars/gpu.yml:5 (host gpu-01): model.name: "
+        "error: <root>/group_vars/gpu.yml:5 (hosts gpu-01, gpu-02): model.name: "
         "model 'Qwen/Qwen2.5-7B-Instuct' is not in the catalogue\n"
         "  fix: did you mean 'Qwen/Qwen2.5-7B-Instruct'? For a model outside the catalogue set model.config_json "
         "to its config.json (gpufleet plan --catalogue lists the catalogue)",
@@ -534,7 +534,7 @@ PLANNER_CASES = [
     ),
     pytest.param(
         _gpu("  name: Qwen/Qwen2.5-7B-Instruct\n", "  name: acme/house-model\n"),
-        "error: <root>/group_vars/gpu.yml:5 (host gpu-01): model.name: "
+        "error: <root>/group_vars/gpu.yml:5 (hosts gpu-01, gpu-02): model.name: "
         "model 'acme/house-model' is not in the catalogue\n"
         "  fix: use a catalogue model (gpufleet plan --catalogue lists the catalogue), "
         "or set model.config_json to the model's config.json",
@@ -542,7 +542,7 @@ PLANNER_CASES = [
     ),
     pytest.param(
         _gpu("  max_model_len: 32768\n", "  max_model_len: 32768\n  quantization: awq\n"),
-        "error: <root>/group_vars/gpu.yml:7 (host gpu-01): model.quantization: "
+        "error: <root>/group_vars/gpu.yml:7 (hosts gpu-01, gpu-02): model.quantization: "
         "Qwen/Qwen2.5-7B-Instruct holds full-precision weights; AWQ needs a quantized checkpoint\n"
         "  fix: set model.name to Qwen/Qwen2.5-7B-Instruct-AWQ, "
         "or set model.quantization to null to serve the full-precision weights",
@@ -550,7 +550,7 @@ PLANNER_CASES = [
     ),
     pytest.param(
         _gpu("  name: Qwen/Qwen2.5-7B-Instruct\n", "  name: Qwen/Qwen2.5-7B-Instruct-AWQ\n  quantization: gptq\n"),
-        "error: <root>/group_vars/gpu.yml:6 (host gpu-01): model.quantization: "
+        "error: <root>/group_vars/gpu.yml:6 (hosts gpu-01, gpu-02): model.quantization: "
         "Qwen/Qwen2.5-7B-Instruct-AWQ is an AWQ checkpoint, but model.quantization is 'gptq'\n"
         "  fix: set model.quantization to 'awq' or null, or set model.name to Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4",
         id="gptq-on-awq-checkpoint",
@@ -558,7 +558,7 @@ PLANNER_CASES = [
     pytest.param(
         _gpu("  name: Qwen/Qwen2.5-7B-Instruct\n",
              "  name: acme/house-model\n  config_json: models/house-model/config.json\n"),
-        "error: <root>/group_vars/gpu.yml:6 (host gpu-01): model.config_json: "
+        "error: <root>/group_vars/gpu.yml:6 (hosts gpu-01, gpu-02): model.config_json: "
         "<root>/models/house-model/config.json does not exist\n"
         "  fix: download the model's config.json from its Hugging Face repository to that path, "
         "or correct model.config_json (it is relative to the inventory folder)",
