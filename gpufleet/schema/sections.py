@@ -325,7 +325,9 @@ class NvidiaDriver(Section):
         description="open or proprietary kernel modules; auto picks open for Turing and newer from R560"
     )
     reboot: Literal["auto", "never"] = Field(description="reboot when the loaded module differs: auto or never")
-    repo_url: str = Field(description="CUDA repository base URL, where {distro} becomes e.g. ubuntu2204; set for a mirror")
+    repo_url: str = Field(
+        description="CUDA repository base URL, where {distro} becomes e.g. ubuntu2204; set for a mirror"
+    )
     keyring_url: str = Field(description="URL of the cuda-keyring package; set for a mirror")
 
 

@@ -519,7 +519,8 @@ PLANNER_CASES = [
     ),
     pytest.param(
         _gpu("  model: rtx-4090d\n", "  model: rtx-4090ti\n"),
-        "error: <root>/group_vars/gpu.yml:2 (hosts gpu-01, gpu-02): gpus.model: GPU 'rtx-4090ti' is not in the catalogue\n"
+        "error: <root>/group_vars/gpu.yml:2 (hosts gpu-01, gpu-02): gpus.model: "
+        "GPU 'rtx-4090ti' is not in the catalogue\n"
         "  fix: did you mean 'rtx-4090'? catalogue GPUs: rtx-4090, rtx-4090d, l40s, a100-40gb, a100-80gb, "
         "h100-80gb, h200; for another GPU also set gpus.memory_mib",
         id="unknown-gpu-model",
