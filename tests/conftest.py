@@ -56,6 +56,11 @@ BASE_FILES: dict[str, str] = {
 
 VALID_KEYS = "web sk-gf-0123456789abcdefghijklmnopqrstuvwxyz\n"
 
+
+def base_file(name: str) -> str:
+    """A base file's text exactly as `make_inventory` writes it (tests compute line numbers from it)."""
+    return textwrap.dedent(BASE_FILES[name]).lstrip("\n")
+
 InventoryFactory = Callable[..., Path]
 
 
@@ -75,7 +80,7 @@ def make_inventory(tmp_path: Path) -> InventoryFactory:
                 continue
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+            path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")  # as base_file()
         if keys is not None:
             secret = root / "secrets" / "api_keys"
             secret.parent.mkdir(parents=True, exist_ok=True)

@@ -39,51 +39,12 @@ import pytest
 
 from gpufleet.errors import ConfigError
 from gpufleet.fleet import load_fleet
+from tests.conftest import base_file
 
-HOSTS = """\
-all:
-  children:
-    gpu:
-      hosts:
-        gpu-01: {ansible_host: 192.0.2.11}
-        gpu-02: {ansible_host: 192.0.2.12}
-    gateway:
-      hosts:
-        gw-01: {ansible_host: 192.0.2.10}
-    monitoring:
-      hosts:
-        mon-01: {ansible_host: 192.0.2.20}
-"""
-
-GPU_VARS = """\
-gpus:
-  model: rtx-4090d
-  count: 4
-model:
-  name: Qwen/Qwen2.5-7B-Instruct
-  max_model_len: 32768
-serving:
-  gpu_memory_utilization: 0.95
-  max_num_seqs: 256
-  max_num_batched_tokens: 4096
-layout:
-  instances: 1
-  tensor_parallel_size: 4
-"""
-
-SLO_VARS = """\
-slo:
-  ttft_p99_ms: 500
-  itl_p99_ms: 80
-  max_error_rate: 0.01
-  min_output_tokens_per_s: 500
-  availability_target: 0.999
-"""
-
-GATEWAY_VARS = """\
-gateway:
-  api_keys_file: secrets/api_keys
-"""
+HOSTS = base_file("hosts.yml")
+GPU_VARS = base_file("group_vars/gpu.yml")
+SLO_VARS = base_file("group_vars/all.yml")
+GATEWAY_VARS = base_file("group_vars/gateway.yml")
 
 
 def _replace(text: str, old: str, new: str) -> str:
