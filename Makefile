@@ -5,36 +5,46 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-unit test-integration lint plan validate docs demo demo-down bench clean
+.PHONY: help setup venv test test-unit test-integration test-e2e images lint plan validate docs demo demo-down bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: ## install Python deps into .venv (apt packages too on a fresh Debian/Ubuntu machine, as root)
+setup: ## install Python deps into .venv and start Docker (apt packages too on a fresh Debian/Ubuntu machine, as root)
 	@scripts/bootstrap.sh
 
-test: setup lint ## run every test tier (unit, integration, e2e) after lint
+# .venv only, for the targets that need no Docker (not in `make help`: use setup)
+venv:
+	@scripts/bootstrap.sh --no-docker
+
+test: setup lint ## run every test tier (unit, integration, e2e) after lint; e2e builds its images on first use
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-unit: setup ## run the fast unit tests only
+test-unit: venv ## run the fast unit tests only
 	$(BIN)/pytest -m unit $(PYTEST_ARGS)
 
-test-integration: setup ## run the integration tests (real CLI and pyinfra runs on loopback/local)
+test-integration: venv ## run the integration tests (real CLI and pyinfra runs on loopback/local)
 	$(BIN)/pytest -m integration $(PYTEST_ARGS)
 
-lint: setup ## ruff over the code and tests
+test-e2e: setup ## run the e2e tests (containers on this machine's Docker; builds the images if needed)
+	$(BIN)/pytest -m e2e $(PYTEST_ARGS)
+
+images: setup ## build the test bed's images if missing or out of date: gpufleet/debian:bookworm, gpufleet/sim:<version>
+	$(BIN)/python -m gpufleet.testbed.images
+
+lint: venv ## ruff over the code and tests
 	$(BIN)/ruff check gpufleet roles deploy inventories tests benchmarks
 
-plan: setup ## capacity plan of the example fleet (the seed's 4x RTX 4090D hosts)
+plan: venv ## capacity plan of the example fleet (the seed's 4x RTX 4090D hosts)
 	$(BIN)/gpufleet plan inventories/example
 
-validate: setup ## validate the example fleet, secrets included
+validate: venv ## validate the example fleet, secrets included
 	$(BIN)/gpufleet validate inventories/example
 
-docs: setup ## regenerate docs/configuration.md from the schema
+docs: venv ## regenerate docs/configuration.md from the schema
 	$(BIN)/python -m gpufleet.docs_gen > docs/configuration.md
 
-bench: setup ## run the benchmarks in benchmarks/ and print their figures
+bench: venv ## run the benchmarks in benchmarks/ and print their figures
 	$(BIN)/python benchmarks/bench_inventory.py
 
 demo: ## run the whole chain on this machine (not yet: lands with the one-machine test bed)
@@ -45,5 +55,5 @@ demo: ## run the whole chain on this machine (not yet: lands with the one-machin
 demo-down: ## remove everything `make demo` made (nothing yet)
 	@echo "make demo-down: nothing to remove; make demo has not landed yet"
 
-clean: ## remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+clean: ## remove the virtualenv and caches (images stay in Docker: docker rmi gpufleet/sim:... to drop them)
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .cache/testbed

@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
 # Install what gpufleet's commands and tests need on a fresh Debian/Ubuntu machine, idempotently:
-# Python 3.10+ with venv (from apt when missing, as root), then .venv with gpufleet and its dev tools.
-# Re-running changes nothing once everything is in place.
+# Python 3.10+ with venv (from apt when missing, as root), then .venv with gpufleet and its dev tools,
+# then a running Docker daemon for the e2e tests and the test bed (scripts/docker.sh; skipped with
+# --no-docker). Re-running changes nothing once everything is in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+with_docker=1
+for arg in "$@"; do
+    case $arg in
+        --no-docker) with_docker=0 ;;
+        *)
+            echo "bootstrap: unknown argument $arg (only --no-docker)" >&2
+            exit 2
+            ;;
+    esac
+done
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
@@ -38,4 +50,10 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
     touch "$stamp"
+fi
+
+# Docker: the e2e tier and the one-machine test bed run containers (scripts/docker.sh installs
+# docker.io and starts dockerd when no daemon answers; nothing when one does).
+if ((with_docker)); then
+    scripts/docker.sh
 fi
