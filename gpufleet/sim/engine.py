@@ -31,6 +31,7 @@ from gpufleet.sim.types import (
     ClockFn,
     EngineListener,
     EngineStats,
+    FinishReason,
     GenerationParams,
     RequestTiming,
     SimConfig,
@@ -178,7 +179,8 @@ class AsyncEngine:
     """The simulated engine in real time; see the module docstring and types.py."""
 
     LATE_S = 0.05  # a step boundary missed by more than this restarts the schedule from now
-    FRONTEND_SLACK_S = 0.0005  # tokens due within this are released together
+    FRONTEND_COARSE_S = 0.0012  # sleep on a timer until this close to a token's time, then yield
+    FRONTEND_BATCH = 4  # tokens released between two yields to the event loop
 
     def __init__(self, config: SimConfig, profile: Profile, clock: ClockFn = time.monotonic,
                  listener: EngineListener | None = None):
@@ -191,7 +193,7 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._unpaused = asyncio.Event()
         self._unpaused.set()
-        self._outbox: deque[tuple[float, _Handle, TokenEvent]] = deque()
+        self._outbox: deque[tuple[float, _Handle, int, FinishReason | None]] = deque()
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._eos = eos_token(config.model)
@@ -304,12 +306,15 @@ class AsyncEngine:
                 next_start = None
                 await self._idle()
                 continue
-            delay = plan.end - clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            # The step's outcome depends only on its plan, so its tokens are queued for the frontend
+            # now, while the GPU would be computing: the frontend then releases them on time instead
+            # of after a burst of bookkeeping at the step's end.
             emissions = core.finish_step(plan)
             if emissions:
                 self._publish(emissions)
+            delay = plan.end - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
             if self._listener is not None:
                 self._listener.step_finished(plan.record())
             next_start = plan.end
@@ -328,30 +333,47 @@ class AsyncEngine:
                 timer.cancel()
 
     def _publish(self, emissions: list[Emission]) -> None:
+        # token texts are drawn when each token is released, spreading that work over the step
         outbox = self._outbox
         for req, index, at, reason in emissions:
-            handle: _Handle = req.owner  # type: ignore[assignment]
-            token_id, text = self._eos if reason == "stop" else handle._textgen.next_token()
-            outbox.append((at, handle, TokenEvent(index, token_id, text, at, reason)))
+            outbox.append((at, req.owner, index, reason))  # type: ignore[arg-type]
         self._outbox_ready.set()
 
     async def _frontend_loop(self) -> None:
+        """Release each token at its scheduled time.
+
+        asyncio's timers wake up to a millisecond late (epoll's timeout is in whole ms), so the
+        loop sleeps until about a millisecond before the next token is due and then yields to the
+        event loop (letting the HTTP handlers write what was released) until the moment comes.
+        """
         outbox = self._outbox
         clock = self._clock
-        slack = self.FRONTEND_SLACK_S
+        coarse = self.FRONTEND_COARSE_S
+        eos = self._eos
         while True:
             if not outbox:
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
                 continue
             wait = outbox[0][0] - clock()
-            if wait > slack:
-                await asyncio.sleep(wait)
+            if wait > coarse:
+                await asyncio.sleep(wait - coarse)
                 continue
-            due = clock() + slack
-            while outbox and outbox[0][0] <= due:
-                _, handle, event = outbox.popleft()
-                if not handle._closed:
-                    handle._push(event)
-                if event.finish_reason is not None:
+            if wait > 0:
+                await asyncio.sleep(0)
+                continue
+            # release what is due a few tokens at a time, yielding in between so each consumer
+            # writes its token right away; a frontend that fell behind catches up in order rather
+            # than waking hundreds of consumers at once
+            now = clock()
+            released = 0
+            while outbox and outbox[0][0] <= now and released < self.FRONTEND_BATCH:
+                at, handle, index, reason = outbox.popleft()
+                if handle._closed:
+                    continue
+                token_id, text = eos if reason == "stop" else handle._textgen.next_token()
+                handle._push(TokenEvent(index, token_id, text, at, reason))
+                released += 1
+                if reason is not None:
                     self._finished(handle)
+            await asyncio.sleep(0)

@@ -95,8 +95,11 @@ def test_bench_profile_serves_512_streams_above_10k_tokens_per_s():
     result = run_closed_loop(profile.sim_config(), profile, 512, 256, 256, num_requests=512)
     assert result.output_tokens_per_s >= 10_000
     assert result.preemptions == 0
-    # the frontend's spread of one step's tokens stays inside a step
-    assert 512 * profile.frontend_token_s < profile.step_time(512, 0, 512 * 384)
+    # the modelled frontend paces tokens no faster than the simulator can write them (~35 us each
+    # measured), so the HTTP layer can keep to the schedule; at 512 streams it, not the GPU, is
+    # what limits the rate, as vLLM's Python frontend does at high concurrency
+    assert profile.frontend_token_s >= 40e-6
+    assert 1 / profile.frontend_token_s >= 10_000
 
 
 def test_preemption_under_kv_pressure_in_virtual_time():
