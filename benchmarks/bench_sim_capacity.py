@@ -18,22 +18,11 @@ import asyncio
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from gpufleet.sim.probe import closed_loop
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from gpufleet.sim.probe import closed_loop, sim_process
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -55,27 +44,13 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=30.0)
     args = parser.parse_args()
 
-    port = _free_port()
-    server = subprocess.Popen(
-        ["taskset", "-c", "0", str(BIN / "gpufleet"), "sim", "serve", "--profile", "bench", "--gpu", "h100-80gb",
-         "--model", "meta-llama/Llama-3.1-8B-Instruct", "--served-model-name", "bench",
-         "--max-model-len", "8192", "--max-num-seqs", str(max(512, args.streams)), "--max-num-batched-tokens", "8192",
-         "--kv-cache-dtype", "fp8", "--gpu-memory-utilization", "0.9", "--startup-delay", "0",
-         "--token-log-tokens", "2000000", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the simulator did not start") from None
-                time.sleep(0.1)
+    sim_args = ["--profile", "bench", "--gpu", "h100-80gb", "--model", "meta-llama/Llama-3.1-8B-Instruct",
+                "--served-model-name", "bench", "--max-model-len", "8192",
+                "--max-num-seqs", str(max(512, args.streams)),
+                "--max-num-batched-tokens", "8192", "--kv-cache-dtype", "fp8", "--gpu-memory-utilization", "0.9",
+                "--startup-delay", "0", "--token-log-tokens", "2000000"]
+    with sim_process(sim_args, prefix=["taskset", "-c", "0"]) as (server, base):
         os.sched_setaffinity(0, {1})
-        base = f"http://127.0.0.1:{port}"
         cpu_before = _cpu_seconds(server.pid)
         client_before = _cpu_seconds(os.getpid())
         started = time.monotonic()
@@ -96,9 +71,6 @@ def main() -> None:
             for scheduled, written in zip(record["scheduled"], record["written"], strict=False)
             if window_start <= scheduled < window_end
         ]
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, CPython {platform.python_version()}; "
           "simulator pinned to CPU 0, client to CPU 1")

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 
@@ -130,3 +136,40 @@ def summarise(samples: list[RequestSample], concurrency: int, measure_from: floa
         itl_mean_s=statistics.fmean(gaps) if gaps else float("nan"),
         output_tokens_per_s=tokens / (measure_to - measure_from),
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def sim_process(args: Sequence[str], prefix: Sequence[str] = (), start_timeout_s: float = 30.0
+                ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Run `gpufleet sim serve ARGS` on 127.0.0.1 and a free port; yield (process, base URL); stop it after.
+
+    `prefix` goes before the command (e.g. `taskset -c 0`). The port is open once the simulated
+    model has loaded, so the wait is for a connection, as a client would wait.
+    """
+    port = free_port()
+    command = [*prefix, str(Path(sys.executable).parent / "gpufleet"), "sim", "serve", *args,
+               "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                    raise RuntimeError(f"the simulator did not start: {stderr[-2000:]}") from None
+                time.sleep(0.1)
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)

@@ -11,52 +11,25 @@ two to three of its own request durations (21 s per request at 32 clients).
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from gpufleet.sim.probe import closed_loop
-from tests.integration.conftest import BIN
+from gpufleet.sim.probe import closed_loop, sim_process
 
 SEED_TABLE = {1: (120, 185), 4: (145, 340), 8: (180, 520), 16: (240, 680), 32: (380, 760)}
 TOLERANCE = 0.15
 PROMPT, OUTPUT = 512, 512
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def seed_server() -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "gpufleet"), "sim", "serve", "--profile", "rtx4090d-tp4-qwen2.5-7b", "--gpu", "rtx-4090d",
-         "--model", "Qwen/Qwen2.5-7B-Instruct", "--served-model-name", "qwen2.5-7b-instruct",
-         "--tensor-parallel-size", "4", "--max-model-len", "32768", "--max-num-seqs", "256",
-         "--max-num-batched-tokens", "4096", "--gpu-memory-utilization", "0.95", "--startup-delay", "0",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"simulator did not start: {proc.stderr.read().decode()[-2000:]}") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    args = ["--profile", "rtx4090d-tp4-qwen2.5-7b", "--gpu", "rtx-4090d", "--model", "Qwen/Qwen2.5-7B-Instruct",
+            "--served-model-name", "qwen2.5-7b-instruct", "--tensor-parallel-size", "4", "--max-model-len", "32768",
+            "--max-num-seqs", "256", "--max-num-batched-tokens", "4096", "--gpu-memory-utilization", "0.95",
+            "--startup-delay", "0"]
+    with sim_process(args) as (_, url):
+        yield url
 
 
 def _step(url: str, concurrency: int, request_s: float, window_requests: float):
