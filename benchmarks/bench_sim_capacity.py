@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from gpufleet.sim.probe import closed_loop, sim_process
+from gpufleet.sim.profile import load_profile
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -44,18 +45,18 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=30.0)
     args = parser.parse_args()
 
-    sim_args = ["--profile", "bench", "--gpu", "h100-80gb", "--model", "meta-llama/Llama-3.1-8B-Instruct",
-                "--served-model-name", "bench", "--max-model-len", "8192",
-                "--max-num-seqs", str(max(512, args.streams)),
-                "--max-num-batched-tokens", "8192", "--kv-cache-dtype", "fp8", "--gpu-memory-utilization", "0.9",
-                "--startup-delay", "0", "--token-log-tokens", "2000000"]
+    # the bench profile carries its layout (Llama-3.1-8B on an H100, max_num_seqs 512, fp8 KV blocks)
+    sim_args = ["--profile", "bench", "--startup-delay", "0", "--token-log-tokens", "2000000"]
+    if args.streams > 512:
+        sim_args += ["--max-num-seqs", str(args.streams)]
     with sim_process(sim_args, prefix=["taskset", "-c", "0"]) as (server, base):
         os.sched_setaffinity(0, {1})
         cpu_before = _cpu_seconds(server.pid)
         client_before = _cpu_seconds(os.getpid())
         started = time.monotonic()
         result = asyncio.run(closed_loop(
-            base, model="bench", concurrency=args.streams, prompt_tokens=args.prompt_tokens,
+            base, model=load_profile("bench").engine["served_model_name"], concurrency=args.streams,
+            prompt_tokens=args.prompt_tokens,
             output_tokens=args.output_tokens, warmup_s=args.warmup, window_s=args.window, stagger_s=args.warmup / 2,
         ))
         elapsed = time.monotonic() - started

@@ -16,18 +16,19 @@ from collections.abc import Iterator
 import pytest
 
 from gpufleet.sim.probe import closed_loop, sim_process
+from gpufleet.sim.profile import load_profile
 
 SEED_TABLE = {1: (120, 185), 4: (145, 340), 8: (180, 520), 16: (240, 680), 32: (380, 760)}
 TOLERANCE = 0.15
 PROMPT, OUTPUT = 512, 512
+PROFILE = "rtx4090d-tp4-qwen2.5-7b"
 
 
 @pytest.fixture(scope="module")
 def seed_server() -> Iterator[str]:
-    args = ["--profile", "rtx4090d-tp4-qwen2.5-7b", "--gpu", "rtx-4090d", "--model", "Qwen/Qwen2.5-7B-Instruct",
-            "--served-model-name", "qwen2.5-7b-instruct", "--tensor-parallel-size", "4", "--max-model-len", "32768",
-            "--max-num-seqs", "256", "--max-num-batched-tokens", "4096", "--gpu-memory-utilization", "0.95",
-            "--startup-delay", "0"]
+    # the profile carries the layout it was calibrated on (TP4, max_num_seqs 256, 4096 batched
+    # tokens, 82,062 KV blocks), so the simulator needs no other flag
+    args = ["--profile", PROFILE, "--startup-delay", "0"]
     with sim_process(args) as (_, url):
         yield url
 
@@ -36,7 +37,8 @@ def _step(url: str, concurrency: int, request_s: float, window_requests: float):
     # clients start spread over one request duration (as a long-running closed loop settles),
     # that first round is the warm-up, then the window is measured
     return asyncio.run(closed_loop(
-        url, model="qwen2.5-7b-instruct", concurrency=concurrency, prompt_tokens=PROMPT, output_tokens=OUTPUT,
+        url, model=load_profile(PROFILE).engine["served_model_name"], concurrency=concurrency,
+        prompt_tokens=PROMPT, output_tokens=OUTPUT,
         warmup_s=request_s, window_s=window_requests * request_s, stagger_s=request_s,
     ))
 
