@@ -44,8 +44,9 @@ validate: venv ## validate the example fleet, secrets included
 docs: venv ## regenerate docs/configuration.md from the schema
 	$(BIN)/python -m gpufleet.docs_gen > docs/configuration.md
 
-bench: venv ## run the benchmarks in benchmarks/ and print their figures
+bench: venv ## run the benchmarks in benchmarks/ and print their figures (about 2 minutes)
 	$(BIN)/python benchmarks/bench_inventory.py
+	$(BIN)/python benchmarks/bench_sim_capacity.py
 
 demo: ## run the whole chain on this machine (not yet: lands with the one-machine test bed)
 	@echo "make demo: not yet. The one-machine test bed (simulated GPU hosts, deploy, load test) is still" >&2
