@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,6 @@ def _group_same(hosts: list[FleetHost]) -> list[tuple[list[str], FleetHost]]:
 def _same_plan(plan: HostPlan | None, other: HostPlan | None) -> HostPlan | None:
     if plan is None or other is None:
         return plan
-    from dataclasses import replace
-
     return replace(plan, host=other.host)
 
 

@@ -130,7 +130,8 @@ def test_inventory_shows_merged_variables_with_their_origin():
     result = gpufleet("inventory", "inventories/example", "--host", "gpu-02")
     assert result.code == 0, result.err
     assert 'engine.port = 8100  # inventories/example/host_vars/gpu-02.yml:3' in result.out
-    assert 'engine.image = "vllm/vllm-openai:v0.11.0"  # inventories/example/group_vars/gpu.yml' in result.out
+    assert 'engine.image = "vllm/vllm-openai:v0.11.0"  # roles/inference/defaults.yml' in result.out
+    assert 'serving.gpu_memory_utilization = 0.95  # inventories/example/group_vars/gpu.yml' in result.out
     assert "serving.block_size = 16  # roles/inference/defaults.yml" in result.out
 
 
