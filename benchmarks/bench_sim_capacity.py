@@ -80,7 +80,8 @@ def main() -> None:
     print(f"output tokens/s received by the client: {result.output_tokens_per_s:,.0f}")
     print(f"simulator CPU: {cpu * 100:.0f}% of one core over the run (client: {client_cpu * 100:.0f}%)")
     print(f"tokens in the window: {len(lags):,}; write lag behind the model's schedule: "
-          f"p50 {_percentile(lags, 0.5):.3f} ms, p99 {_percentile(lags, 0.99):.3f} ms, max {max(lags):.3f} ms")
+          f"p50 {_percentile(lags, 0.5):.3f} ms, p99 {_percentile(lags, 0.99):.3f} ms, "
+          f"p99.9 {_percentile(lags, 0.999):.3f} ms, max {max(lags):.3f} ms")
     print(f"client-side: TTFT mean {result.ttft_mean_s * 1000:.1f} ms, ITL mean {result.itl_mean_s * 1000:.2f} ms, "
           f"errors {result.errors}")
 

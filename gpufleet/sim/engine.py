@@ -9,8 +9,9 @@ drives it in real time and implements the contract of types.py for the HTTP surf
 * the engine loop computes a step, sleeps until the step's scheduled end and hands its tokens to
   the frontend; the next step starts at that scheduled end, so sleep overshoot does not
   accumulate (a loop that fell more than `LATE_S` behind, or was idle, restarts from now);
-* the frontend task releases each token when its `scheduled_at` comes, a deque append and an
-  event set per token: no task or timer per token, so 512 streams stay cheap;
+* the frontend task releases each token when its `scheduled_at` comes: to the consumer's sink
+  when one is attached (a streaming response writes it at once, without a task switch), else as
+  an event on the handle's deque; no task or timer per token, so 512 streams stay cheap;
 * an idle engine waits on an event; `pause()` holds it at the next step boundary (the "hang"
   fault), `extra_step_delay_s` lengthens every step (the "added latency" fault).
 """
@@ -37,6 +38,7 @@ from gpufleet.sim.types import (
     SimConfig,
     StepRecord,
     TokenEvent,
+    TokenSink,
 )
 
 ABORT_TOKEN_ID = -1  # the token_id of the event that ends an aborted stream (it carries no token)
@@ -116,6 +118,7 @@ class EngineCore:
     def finish_step(self, plan: StepPlan) -> list[Emission]:
         return self.scheduler.complete(plan.batch, plan.end, self.profile.frontend_token_s)
 
+
     def abort(self, request_id: str) -> SchedRequest | None:
         req = self._pending_ids.pop(request_id, None)
         if req is not None:
@@ -134,7 +137,8 @@ class EngineCore:
 class _Handle:
     """A submitted request's token stream: a deque and an event, consumed with `async for`."""
 
-    __slots__ = ("_closed", "_engine", "_events", "_pushed", "_ready", "_reported", "_textgen", "id", "timing")
+    __slots__ = ("_closed", "_engine", "_events", "_pushed", "_ready", "_reported", "_sink", "_textgen", "id",
+                 "timing")
 
     def __init__(self, request_id: str, engine: AsyncEngine, textgen: TextGen):
         self.id = request_id
@@ -146,12 +150,19 @@ class _Handle:
         self._closed = False  # no more events will be pushed
         self._pushed = 0  # token events handed to the consumer
         self._reported = False  # the listener was told it finished
+        self._sink: TokenSink | None = None
+
+    def attach(self, sink: TokenSink) -> None:
+        """Have the frontend hand the tokens to `sink` (see types.TokenSink) until it asks to be detached."""
+        if not self._closed:
+            self._sink = sink
 
     def _push(self, event: TokenEvent) -> None:
         self._events.append(event)
         self._ready.set()
         if event.finish_reason is not None:
             self._closed = True
+            self._sink = None
         if event.token_id >= 0:
             self._pushed += 1
 
@@ -180,7 +191,7 @@ class AsyncEngine:
 
     LATE_S = 0.05  # a step boundary missed by more than this restarts the schedule from now
     FRONTEND_COARSE_S = 0.0012  # sleep on a timer until this close to a token's time, then yield
-    FRONTEND_BATCH = 4  # tokens released between two yields to the event loop
+    FRONTEND_BATCH = 16  # tokens released between two yields to the event loop
 
     def __init__(self, config: SimConfig, profile: Profile, clock: ClockFn = time.monotonic,
                  listener: EngineListener | None = None):
@@ -197,6 +208,7 @@ class AsyncEngine:
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._eos = eos_token(config.model)
+        self._core.scheduler.tick = self._release_due
 
     # lifecycle --------------------------------------------------------------------------------
 
@@ -231,6 +243,7 @@ class AsyncEngine:
         a request beyond max_model_len (the API layer must reject or cap those first)."""
         if request_id in self._handles:
             raise ValueError(f"request id {request_id!r} is already active")
+        self.catch_up()
         textgen = TextGen(self.config.seed, request_id)
         handle = _Handle(request_id, self, textgen)
         req = self._core.submit(request_id, params, self._clock(), textgen)
@@ -308,7 +321,8 @@ class AsyncEngine:
                 continue
             # The step's outcome depends only on its plan, so its tokens are queued for the frontend
             # now, while the GPU would be computing: the frontend then releases them on time instead
-            # of after a burst of bookkeeping at the step's end.
+            # of after a burst of bookkeeping at the step's end. (The scheduler ticks the frontend
+            # while it plans and applies a step, so tokens falling due meanwhile are not held up.)
             emissions = core.finish_step(plan)
             if emissions:
                 self._publish(emissions)
@@ -344,12 +358,11 @@ class AsyncEngine:
 
         asyncio's timers wake up to a millisecond late (epoll's timeout is in whole ms), so the
         loop sleeps until about a millisecond before the next token is due and then yields to the
-        event loop (letting the HTTP handlers write what was released) until the moment comes.
+        event loop (letting the HTTP handlers run) until the moment comes.
         """
         outbox = self._outbox
         clock = self._clock
         coarse = self.FRONTEND_COARSE_S
-        eos = self._eos
         while True:
             if not outbox:
                 self._outbox_ready.clear()
@@ -359,21 +372,42 @@ class AsyncEngine:
             if wait > coarse:
                 await asyncio.sleep(wait - coarse)
                 continue
-            if wait > 0:
-                await asyncio.sleep(0)
-                continue
-            # release what is due a few tokens at a time, yielding in between so each consumer
-            # writes its token right away; a frontend that fell behind catches up in order rather
-            # than waking hundreds of consumers at once
-            now = clock()
-            released = 0
-            while outbox and outbox[0][0] <= now and released < self.FRONTEND_BATCH:
-                at, handle, index, reason = outbox.popleft()
-                if handle._closed:
-                    continue
-                token_id, text = eos if reason == "stop" else handle._textgen.next_token()
-                handle._push(TokenEvent(index, token_id, text, at, reason))
-                released += 1
-                if reason is not None:
-                    self._finished(handle)
+            if wait <= 0:
+                self._release_due(self.FRONTEND_BATCH)
             await asyncio.sleep(0)
+
+    def catch_up(self) -> None:
+        """Release the tokens due by now; the HTTP surfaces call it between the parts of a
+        request's handling, so a burst of arrivals does not hold up the streams already running."""
+        self._release_due()
+
+    def _release_due(self, limit: int = 1 << 30) -> None:
+        """Hand out the tokens due by now, `limit` at most, in schedule order.
+
+        A stream with a sink attached gets its token written at once; others get an event and
+        their task runs later. It is synchronous, so the scheduler calls it (`tick`) between
+        requests while it plans or applies a step of hundreds of them.
+        """
+        outbox = self._outbox
+        if not outbox:
+            return
+        now = self._clock()
+        eos = self._eos
+        released = 0
+        while outbox and outbox[0][0] <= now and released < limit:
+            at, handle, index, reason = outbox.popleft()
+            if handle._closed:
+                continue
+            released += 1
+            token_id, text = eos if reason == "stop" else handle._textgen.next_token()
+            sink = handle._sink
+            if sink is not None:
+                if sink(text, at, reason):
+                    handle._sink = None
+                if reason is None:
+                    handle._pushed += 1
+                    continue
+                # the sink wrote the last token; its event tells the consumer the stream is over
+            handle._push(TokenEvent(index, token_id, text, at, reason))
+            if reason is not None:
+                self._finished(handle)

@@ -25,7 +25,7 @@ The rules, as in vLLM V1 with chunked prefill:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from gpufleet.sim.types import EngineStats, FinishReason, GenerationParams, RequestTiming, SimConfig
 
@@ -124,6 +124,11 @@ class Scheduler:
         self.steps_total = 0
         self._admissions = 0
         self._frontend_free = float("-inf")
+        # Called every TICK_EVERY requests while a step is planned or applied: the real-time engine
+        # releases the tokens that fall due meanwhile (it must not touch the scheduler).
+        self.tick: Callable[[], None] | None = None
+
+    TICK_EVERY = 32
 
     # requests ---------------------------------------------------------------------------------
 
@@ -199,9 +204,12 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         bs = self.block_size
         running = self.running
+        tick = self.tick
         # 1. one token for every decoding request, preempting from the back when blocks run out
         i = 0
         while i < len(running) and budget > 0:
+            if tick is not None and i % self.TICK_EVERY == 0:
+                tick()
             req = running[i]
             if req.prefilling:
                 i += 1
@@ -289,7 +297,10 @@ class Scheduler:
         start = end if end > self._frontend_free else self._frontend_free
         k = 0
         finished = False
-        for req, n in batch.items:
+        tick = self.tick
+        for position, (req, n) in enumerate(batch.items):
+            if tick is not None and position % self.TICK_EVERY == 0:
+                tick()
             if req.status != RUNNING:  # aborted while the step ran
                 continue
             req.num_computed += n

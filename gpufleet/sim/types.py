@@ -65,7 +65,7 @@ class RequestTiming:
 
 
 class RequestHandle(Protocol):
-    """A submitted request: iterate it for tokens; abort it when the client goes away."""
+    """A submitted request: iterate it for tokens (or attach a sink); abort it when the client goes away."""
 
     id: str
     timing: RequestTiming
@@ -73,6 +73,16 @@ class RequestHandle(Protocol):
     def __aiter__(self) -> AsyncIterator[TokenEvent]: ...
 
     def abort(self) -> None: ...
+
+    def attach(self, sink: TokenSink) -> None: ...
+
+
+# A streaming consumer's synchronous writer, called by the engine's frontend with each token
+# (text, scheduled time, finish reason or None) at its time, instead of queuing an event and
+# waking the consumer's task. The last token is also queued as an event afterwards, so that the
+# consumer learns the stream is over. It returns True to be detached: the tokens after that come
+# as events again. An abort never goes to the sink (its event carries no token).
+TokenSink = Callable[[str, float, "FinishReason | None"], bool]
 
 
 @dataclass(frozen=True)

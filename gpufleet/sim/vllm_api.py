@@ -30,9 +30,10 @@ from aiohttp import web
 
 from gpufleet import __version__
 from gpufleet.sim import tokenizer
-from gpufleet.sim.types import GenerationParams, RequestTiming, TokenEvent
+from gpufleet.sim.types import FinishReason, GenerationParams, RequestTiming, TokenEvent
 
 if TYPE_CHECKING:
+    from gpufleet.sim.faults import TokenRecord
     from gpufleet.sim.server import SimState
 
 JSON = dict[str, Any]
@@ -338,6 +339,7 @@ class OpenAIRoutes:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         state = self.state
+        state.engine.catch_up()  # a burst of new requests must not hold up the tokens falling due
         try:
             body = await _json_body(request)
             prepared = self._prepare(body, chat)
@@ -423,6 +425,7 @@ class OpenAIRoutes:
         """Write one SSE event per token as the engine emits it (the hot path); False if the client left."""
         state = self.state
         writer = await SseWriter.open(request, {"Content-Type": "text/event-stream; charset=utf-8"})
+        state.engine.catch_up()
         created = str(int(time.time())).encode()
         model = self.model_json if prepared.model == state.served_names[0] else json_dumps(prepared.model).encode()
         usage_null = b',"usage":null' if (prepared.include_usage or not chat) else b""
@@ -440,63 +443,36 @@ class OpenAIRoutes:
             token_tail = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]' + usage_null + b"}\n\n"
             first = b""
             final_mid = b',"logprobs":null,"finish_reason":'
-        send = writer.send
-        clock = time.monotonic
         record = state.token_log.open(request_id, request.path, prepared.prompt_tokens)
-        log_sched = record.scheduled.append if record is not None else None
-        log_written = record.written.append if record is not None else None
-        observe_ttft = state.observe_ttft
-        observe_itl = state.observe_itl
-        arrival = handle.timing.arrival
-        previous = -1.0
-        tokens = 0
+        usage_head = head if prepared.include_usage else None
+        chunks = _SseChunks(self, writer, token_head, token_tail, first, final_mid, usage_null, usage_head, chat,
+                            prepared.prompt_tokens, handle.timing.arrival, record)
+        if writer.direct:
+            handle.attach(chunks)  # from now on the engine's frontend writes the tokens itself
         reason: str | None = None
-        cached = _ESCAPED.get
         try:
+            # only what the sink did not take comes here: the end of the stream, an abort, or the
+            # tokens that followed a detach (the client had fallen behind)
             async for event in handle:
                 reason = event.finish_reason
-                if reason is None and previous >= 0.0:  # the fast path: every token but the first and last
-                    text = event.text
-                    at = event.scheduled_at
-                    observe_itl(at - previous)
-                    previous = at
-                    tokens += 1
-                    if send(token_head + (cached(text) or escaped(text)) + token_tail):
-                        await writer.drain()
-                    if log_sched is not None:
-                        log_sched(at)
-                        log_written(clock())  # type: ignore[misc]
+                if chunks.ended:
                     continue
-                counted = is_token(event)
-                if reason is None:
-                    chunk = token_head + escaped(event.text) + token_tail
+                if is_token(event):
+                    behind = chunks(event.text, event.scheduled_at, event.finish_reason)
                 else:
-                    chunk = self._final(token_head, final_mid, usage_null, event.text, reason, chat, counted)
-                if previous < 0.0:
-                    chunk = first + chunk
-                if counted:
-                    tokens += 1
-                    if previous < 0.0:
-                        observe_ttft(event.scheduled_at - arrival)
-                    else:
-                        observe_itl(event.scheduled_at - previous)
-                    previous = event.scheduled_at
-                if reason is not None:
-                    if prepared.include_usage:
-                        chunk += self._usage_chunk(head, prepared.prompt_tokens, tokens)
-                    chunk += self.done
-                if send(chunk):
+                    behind = chunks.end_without_token(event.finish_reason or "abort")
+                if behind:
                     await writer.drain()
-                if log_sched is not None and counted:
-                    log_sched(event.scheduled_at)
-                    log_written(clock())  # type: ignore[misc]
+                if reason is None and writer.direct:
+                    handle.attach(chunks)
             if reason is None:  # the engine ended the stream without a finish reason: close it properly
-                send(self.done)
+                writer.send(self.done)
             await writer.close()
         except ConnectionError:
             state.token_log.close(record, "abort")
             return writer.response, False
         state.token_log.close(record, reason)
+        state.engine.catch_up()  # streams end in bursts too
         return writer.response, True
 
     def _final(self, token_head: bytes, final_mid: bytes, usage_null: bytes, text: str, reason: str, chat: bool,
@@ -554,6 +530,11 @@ class SseWriter:
         transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         return transport.get_write_buffer_size() > self.HIGH_WATER
 
+    @property
+    def direct(self) -> bool:
+        """Whether `send` writes at once (so the engine's frontend may call it: types.TokenSink)."""
+        return self._transport is not None
+
     async def drain(self) -> None:
         transport = self._transport
         if transport is None:
@@ -569,6 +550,102 @@ class SseWriter:
     async def close(self) -> None:
         await self.drain()
         await self.response.write_eof()
+
+
+class _SseChunks:
+    """One stream's SSE events, formatted and written synchronously (a types.TokenSink).
+
+    The engine's frontend calls it for each token at the token's scheduled time, so a token costs
+    a formatted chunk and a socket send, not a task switch; `_stream` calls it for whatever came
+    as an event instead. The first token carries the chat role chunk and the TTFT observation;
+    the last one the finish reason, the usage chunk and `[DONE]`. It asks to be detached when the
+    client has fallen behind (or left), so that `_stream` can await the drain.
+    """
+
+    __slots__ = (
+        "arrival",
+        "chat",
+        "count",
+        "ended",
+        "final_mid",
+        "first",
+        "head",
+        "log_scheduled",
+        "log_written",
+        "observe_itl",
+        "observe_ttft",
+        "previous",
+        "prompt_tokens",
+        "routes",
+        "tail",
+        "usage_head",
+        "usage_null",
+        "writer",
+    )
+
+    def __init__(self, routes: OpenAIRoutes, writer: SseWriter, head: bytes, tail: bytes, first: bytes,
+                 final_mid: bytes, usage_null: bytes, usage_head: bytes | None, chat: bool, prompt_tokens: int,
+                 arrival: float, record: TokenRecord | None) -> None:
+        self.routes = routes
+        self.writer = writer
+        self.head = head  # a token event up to its text
+        self.tail = tail  # ... and after it
+        self.first = first  # what goes before the first event (chat: the role chunk)
+        self.final_mid = final_mid
+        self.usage_null = usage_null
+        self.usage_head = usage_head  # None: no usage chunk (stream_options.include_usage not set)
+        self.chat = chat
+        self.prompt_tokens = prompt_tokens
+        self.arrival = arrival
+        self.observe_itl = routes.state.observe_itl
+        self.observe_ttft = routes.state.observe_ttft
+        self.previous = -1.0  # the last token's scheduled time; < 0 until the first token
+        self.count = 0
+        self.ended = False  # the last event and [DONE] are written
+        self.log_scheduled = record.scheduled.append if record is not None else None
+        self.log_written = record.written.append if record is not None else None
+
+    def __call__(self, text: str, at: float, reason: FinishReason | None = None) -> bool:
+        previous = self.previous
+        if previous >= 0.0 and reason is None:  # the hot path: every token but the first and the last
+            self.observe_itl(at - previous)
+            chunk = self.head + (_ESCAPED.get(text) or escaped(text)) + self.tail
+        else:
+            if previous < 0.0:
+                self.observe_ttft(at - self.arrival)
+            else:
+                self.observe_itl(at - previous)
+            if reason is None:
+                chunk = self.head + escaped(text) + self.tail
+            else:
+                chunk = self._last(text, reason, self.count + 1)
+            if previous < 0.0:
+                chunk = self.first + chunk
+        self.previous = at
+        self.count += 1
+        try:
+            behind = self.writer.send(chunk)
+        except ConnectionError:
+            return True  # `_stream` sees the closed connection with its next event
+        if self.log_scheduled is not None:
+            self.log_scheduled(at)
+            self.log_written(time.monotonic())  # type: ignore[misc]
+        return behind
+
+    def end_without_token(self, reason: str) -> bool:
+        """The stream ends with no token (an abort): the closing events; True if the client is behind."""
+        chunk = self._last("", reason, self.count, counted=False)
+        if self.previous < 0.0:
+            chunk = self.first + chunk
+        return self.writer.send(chunk)
+
+    def _last(self, text: str, reason: str, count: int, counted: bool = True) -> bytes:
+        routes = self.routes
+        chunk = routes._final(self.head, self.final_mid, self.usage_null, text, reason, self.chat, counted)
+        if self.usage_head is not None:
+            chunk += routes._usage_chunk(self.usage_head, self.prompt_tokens, count)
+        self.ended = True
+        return chunk + routes.done
 
 
 class _TokenObserver:

@@ -45,6 +45,20 @@ def sim_config(**changes: int) -> SimConfig:
     return SimConfig(model="m", served_model_name="m", gpu_memory_utilization=0.9, tensor_parallel_size=1, **values)
 
 
+class Sink:
+    """A stream consumer's sink: records (text, scheduled, received); asks to detach after `detach_after`."""
+
+    def __init__(self, detach_after: int | None = None) -> None:
+        self.tokens: list[tuple[str, float, float]] = []
+        self.reasons: list[str | None] = []
+        self.detach_after = detach_after
+
+    def __call__(self, text: str, at: float, reason: str | None) -> bool:
+        self.tokens.append((text, at, time.monotonic()))
+        self.reasons.append(reason)
+        return len(self.tokens) == self.detach_after
+
+
 class Recorder:
     def __init__(self) -> None:
         self.steps: list[StepRecord] = []
@@ -227,6 +241,75 @@ def test_step_tokens_are_spread_by_the_frontend_cost():
     results = run(main())
     firsts = sorted(events[0][0].scheduled_at for events in results)
     assert [round(b - a, 6) for a, b in pairwise(firsts)] == [0.001] * 3
+
+
+async def stream_through_sink(max_tokens: int, sink: Sink, abort_after_sink_tokens: int | None = None):
+    """Submit one request, attach `sink` after its first event; (events, timing) once the stream ends."""
+    engine = AsyncEngine(sim_config(), fast_profile())
+    await engine.start()
+    handle = engine.submit("r", GenerationParams(32, max_tokens, ignore_eos=True))
+    events = []
+    async for event in handle:
+        events.append(event)
+        if len(events) == 1:
+            handle.attach(sink)
+            if abort_after_sink_tokens is not None:
+                while len(sink.tokens) < abort_after_sink_tokens:
+                    await asyncio.sleep(0.001)
+                handle.abort()
+    await engine.stop()
+    return events, handle.timing
+
+
+def test_an_attached_sink_gets_every_token_on_schedule_and_the_end_as_an_event():
+    """The streaming fast path: the frontend writes through the sink; the consumer wakes only at the end."""
+    sink = Sink()
+    events, timing = run(stream_through_sink(30, sink))
+    via_sink = sink.tokens
+    assert len(events) == 2 and events[-1].finish_reason == "length" and events[-1].index == 29
+    assert len(via_sink) == 29 and sink.reasons == [None] * 28 + ["length"]
+    assert [at for _, at, _ in via_sink] == timing.token_times[1:30]
+    assert all(written >= at - 0.001 for _, at, written in via_sink)  # never early
+    texts = [events[0].text] + [text for text, _, _ in via_sink]
+    reference = TextGen(0, "r")
+    assert texts == [reference.next_token()[1] for _ in range(30)]
+
+
+def test_a_sink_that_asks_to_be_detached_gets_events_again():
+    sink = Sink(detach_after=3)
+    events, _ = run(stream_through_sink(12, sink))
+    assert len(sink.tokens) == 3  # detached after the third (the client fell behind)
+    assert [e.index for e in events] == [0, *range(4, 12)]
+
+
+def test_an_abort_after_sink_tokens_carries_the_next_index():
+    sink = Sink()
+    events, _ = run(stream_through_sink(1000, sink, abort_after_sink_tokens=5))
+    assert events[-1].finish_reason == "abort" and events[-1].index == 1 + len(sink.tokens)
+
+
+def test_submitting_releases_tokens_already_due():
+    """A burst of arrivals must not hold up running streams: submit() catches the frontend up."""
+
+    async def main():
+        engine = AsyncEngine(sim_config(), fast_profile())
+        await engine.start()
+        handle = engine.submit("r", GenerationParams(32, 1000, ignore_eos=True))
+        sink = Sink()
+        async for _ in handle:
+            handle.attach(sink)
+            break
+        while len(sink.tokens) < 3:
+            await asyncio.sleep(0.001)
+        time.sleep(0.05)  # the loop is held: tokens fall due but the frontend cannot run
+        before = len(sink.tokens)
+        engine.submit("other", GenerationParams(16, 2, ignore_eos=True))
+        after = len(sink.tokens)
+        await engine.stop()
+        return before, after
+
+    before, after = run(main())
+    assert after > before
 
 
 def test_same_seed_same_texts_and_lengths():

@@ -206,6 +206,22 @@ def test_frontend_spaces_a_steps_tokens_and_never_reorders():
     assert [round(at, 6) for _, _, at, _ in emissions] == [1.04, 1.05, 1.06, 1.07]
 
 
+def test_a_large_step_ticks_the_frontend_every_few_requests():
+    """Planning or applying a step of hundreds of requests lets the real-time engine release due tokens."""
+    s = Scheduler(config(max_num_seqs=256, max_num_batched_tokens=4096, num_gpu_blocks=4096))
+    for i in range(256):
+        s.submit(f"r{i}", params(8, 10))
+    step(s, 0.0)  # all prefilled
+    ticks: list[int] = []
+    s.tick = lambda: ticks.append(len(ticks))
+    batch = s.schedule(1.0)
+    planned = len(ticks)
+    s.complete(batch, 2.0)
+    assert batch.num_decode == 256
+    assert planned >= 256 // Scheduler.TICK_EVERY
+    assert len(ticks) - planned >= 256 // Scheduler.TICK_EVERY
+
+
 def test_stats_count_prompt_and_generation_tokens():
     s = Scheduler(config())
     s.submit("a", params(10, 3))
