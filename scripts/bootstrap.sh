@@ -27,6 +27,11 @@ elif ! "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3
     need_apt+=(python3-venv python3-pip)
 fi
 command -v git >/dev/null 2>&1 || need_apt+=(git)
+# the test bed's signed mirror of stand-in packages: gpg signs, gpgv checks, busybox runs the
+# stand-in nvidia-smi as it runs in a busybox-only container
+command -v gpg >/dev/null 2>&1 || need_apt+=(gnupg)
+command -v gpgv >/dev/null 2>&1 || need_apt+=(gpgv)
+command -v busybox >/dev/null 2>&1 || need_apt+=(busybox)
 
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -ne 0 ]]; then

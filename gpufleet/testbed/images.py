@@ -72,24 +72,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GPUFLEET_CACHE") or REPO_ROOT / ".cache" / "testbed").resolve()
 
 
-def _run(
-    cmd: Sequence[str], *, what: str, timeout: float = DOCKER_TIMEOUT_S, env: dict[str, str] | None = None
+def run_command(
+    cmd: Sequence[str],
+    *,
+    what: str,
+    error: type[Exception] = ImageError,
+    timeout: float = DOCKER_TIMEOUT_S,
+    env: dict[str, str] | None = None,
+    missing_hint: str = "",
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command, raising ImageError with the tail of its output when it fails."""
+    """Run a tool, raising `error` with the tail of its output (or what is missing) when it fails."""
     try:
         proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env)
     except FileNotFoundError as exc:
-        raise ImageError(f"{what}: {cmd[0]} is not installed") from exc
+        raise error(f"{what}: {cmd[0]} is not installed{missing_hint}") from exc
     except subprocess.TimeoutExpired as exc:
-        raise ImageError(f"{what}: no result after {timeout:.0f}s: {' '.join(cmd)}") from exc
+        raise error(f"{what}: no result after {timeout:.0f}s: {' '.join(cmd)}") from exc
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
-        raise ImageError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        raise error(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
     return proc
 
 
+_run = run_command
+
+
 @contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
+def cache_lock(name: str) -> Iterator[None]:
     """Serialise builds across processes: several test runs may share one machine and one tree."""
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -416,15 +425,7 @@ def prune_sim_images(keep: int = KEEP_SIM_IMAGES) -> None:
     dependency layers are shared), so without this an active tree leaves dozens behind. An image a
     container still uses stays (docker refuses), and is pruned on a later build.
     """
-    proc = _run(
-        ["docker", "image", "ls", "--format", "{{.Tag}}\t{{.CreatedAt}}", SIM_REPOSITORY], what="listing images"
-    )
-    hashed = re.compile(rf"^.+-[0-9a-f]{{{HASH_LEN}}}$")
-    rows = [line.split("\t", 1) for line in proc.stdout.splitlines() if "\t" in line]
-    tags = sorted((created, tag) for tag, created in rows if hashed.match(tag))
-    stale = [f"{SIM_REPOSITORY}:{tag}" for _, tag in tags[: max(len(tags) - keep, 0)]]
-    if stale:
-        subprocess.run(["docker", "image", "rm", *stale], capture_output=True, timeout=120)
+    _prune_hashed_tags(SIM_REPOSITORY, ".+", keep)
 
 
 def ensure_sim_image(*, force: bool = False) -> str:
@@ -440,7 +441,7 @@ def ensure_sim_image(*, force: bool = False) -> str:
         raise ImageError(f"building {SIM_IMAGE} needs a gpufleet source checkout (pyproject.toml, gpufleet/sim/image)")
     base = ensure_base_image()
     top, constraints = pinned_requirements()
-    with _locked("sim-image.lock"):
+    with cache_lock("sim-image.lock"):
         base_id = image_id(base)
         if base_id is None:
             raise ImageError(f"{base} disappeared; run scripts/build-base-image.sh")
@@ -492,3 +493,204 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- host image (the test bed's GPU hosts) ---------------------------------------------------
+#
+# gpufleet/host:bookworm: a Debian host booting systemd (gpufleet/testbed/host_image), run by
+# gpufleet.testbed.hosts. Its debs are fetched by apt in a throwaway container of the base image
+# (the same route, Docker's bridge to the base image's Debian mirror, the hosts' own apt takes),
+# into a pool of .debs in the cache that the hosts' apt caches are seeded from too; the build
+# itself runs with `--network none`. Tagged `gpufleet/host:bookworm-<content hash>` as well.
+
+HOST_REPOSITORY = "gpufleet/host"
+HOST_IMAGE = f"{HOST_REPOSITORY}:{BASE_SUITE}"
+HOST_IMAGE_DIR = PACKAGE_DIR / "testbed" / "host_image"
+KEEP_HOST_IMAGES = 3
+BUSYBOX_IMAGE = "gpufleet/busybox:standin"
+BUSYBOX_APPLETS = ("sh", "cat", "ls", "echo", "head", "grep", "sleep")
+
+
+def apt_pool_dir() -> Path:
+    """Debian .debs downloaded for the host image and by the hosts' apt, kept across runs."""
+    return cache_dir() / "apt-archives" / "pool"
+
+
+def host_packages() -> list[str]:
+    """The host image's Debian packages (host_image/packages.txt)."""
+    lines = (HOST_IMAGE_DIR / "packages.txt").read_text(encoding="utf-8").splitlines()
+    return [word for line in lines for word in line.split("#", 1)[0].split()]
+
+
+def host_content_hash(base_id: str) -> str:
+    """A hash of everything the host image is built from except the debs' versions (as the sim's)."""
+    digest = hashlib.sha256()
+    digest.update(f"base\0{base_id}\0".encode())
+    for path in sorted(p for p in HOST_IMAGE_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        data = path.read_bytes()
+        name = path.relative_to(HOST_IMAGE_DIR).as_posix()
+        executable = path.stat().st_mode & 0o111 != 0  # the entrypoint must stay executable
+        digest.update(f"{name}\0{executable}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def host_image_tag(content_hash: str) -> str:
+    return f"{HOST_IMAGE}-{content_hash[:HASH_LEN]}"
+
+
+def _download_debs_in_container(debs: Path, base: str, packages: Sequence[str]) -> None:
+    """Have apt in a container of `base` download `packages` (and what base lacks for them) to `debs`.
+
+    apt works against the base image's own dpkg status and mirror, so the set is exactly what
+    `apt-get install` in the image needs. The download goes into apt_pool_dir(), so a rebuild
+    fetches only what changed; the debs of this install are then copied into `debs`.
+    """
+    pool = apt_pool_dir()
+    (pool / "partial").mkdir(parents=True, exist_ok=True)
+    names = " ".join(packages)
+    script = (
+        "set -e; apt-get update -qq; "
+        f"apt-get install -qq -y --no-install-recommends --download-only {names} >&2; "
+        # --print-uris against an empty archive folder names every deb of the install, cached or not
+        "mkdir -p /tmp/empty/partial; "
+        f"apt-get install -qq -y --no-install-recommends --print-uris -o Dir::Cache::Archives=/tmp/empty {names}"
+    )
+    listing = _run(
+        ["docker", "run", "--rm", "--volume", f"{pool}:/var/cache/apt/archives", "--entrypoint", "sh", base,
+         "-c", script],
+        what=f"downloading the host image's debs with apt in a {base} container (needs its Debian mirror)",
+        timeout=600,
+    ).stdout  # fmt: skip
+    files = re.findall(r"^'[^']+' (\S+\.deb) ", listing, flags=re.MULTILINE)
+    if not files:
+        raise ImageError(f"apt found nothing to install for {names} in {base}:\n{listing[-2000:]}")
+    debs.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        shutil.copy2(pool / name, debs / name)
+
+
+def _prune_hashed_tags(repository: str, prefix_pattern: str, keep: int) -> None:
+    """Remove all but the `keep` newest `<prefix>-<hash>` tags of `repository` (see prune_sim_images)."""
+    proc = _run(["docker", "image", "ls", "--format", "{{.Tag}}\t{{.CreatedAt}}", repository], what="listing images")
+    hashed = re.compile(rf"^{prefix_pattern}-[0-9a-f]{{{HASH_LEN}}}$")
+    rows = [line.split("\t", 1) for line in proc.stdout.splitlines() if "\t" in line]
+    tags = sorted((created, tag) for tag, created in rows if hashed.match(tag))
+    stale = [f"{repository}:{tag}" for _, tag in tags[: max(len(tags) - keep, 0)]]
+    if stale:
+        subprocess.run(["docker", "image", "rm", *stale], capture_output=True, timeout=120)
+
+
+def ensure_host_image(*, force: bool = False) -> str:
+    """Build the host image unless one of this exact host_image/ and base exists; return its content tag.
+
+    HOST_IMAGE (`gpufleet/host:bookworm`) is moved to the same image. A cached check takes ~0.2 s;
+    a build about 40 s cold (most of it apt downloading ~45 MB of debs), ~20 s with the debs in
+    the pool.
+    """
+    if not (HOST_IMAGE_DIR / "Dockerfile").is_file():
+        raise ImageError(f"building {HOST_IMAGE} needs gpufleet/testbed/host_image (a gpufleet source checkout)")
+    base = ensure_base_image()
+    with cache_lock("host-image.lock"):
+        base_id = image_id(base)
+        if base_id is None:
+            raise ImageError(f"{base} disappeared; run scripts/build-base-image.sh")
+        content_hash = host_content_hash(base_id)
+        tagged = host_image_tag(content_hash)
+        if not force and image_id(tagged):
+            if image_id(HOST_IMAGE) != image_id(tagged):
+                _run(["docker", "tag", tagged, HOST_IMAGE], what=f"tagging {HOST_IMAGE}")
+            return tagged
+
+        started = time.monotonic()
+        log(f"building {HOST_IMAGE} ({tagged})")
+        context = cache_dir() / "host-context"
+        shutil.rmtree(context, ignore_errors=True)
+        shutil.copytree(HOST_IMAGE_DIR, context, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        _download_debs_in_container(context / "debs", base, host_packages())
+        prepared = time.monotonic()
+        _run(
+            ["docker", "build", "--network", "none", "--force-rm",
+             "--build-arg", f"BASE_IMAGE={base}", "--label", f"{CONTENT_HASH_LABEL}={content_hash}",
+             "--tag", tagged, "--tag", HOST_IMAGE, str(context)],
+            what=f"docker build {HOST_IMAGE}",
+        )  # fmt: skip
+        shutil.rmtree(context, ignore_errors=True)
+        _prune_hashed_tags(HOST_REPOSITORY, re.escape(BASE_SUITE), KEEP_HOST_IMAGES)
+        done = time.monotonic()
+        log(
+            f"built {HOST_IMAGE} in {done - started:.0f}s "
+            f"(debs {prepared - started:.0f}s, docker build {done - prepared:.0f}s)"
+        )
+    return tagged
+
+
+# --- busybox stand-in (the roles' layered GPU check runs in it) --------------------------------
+
+
+def _download_busybox_deb(folder: Path) -> Path:
+    """`apt-get download busybox-static` into `folder`, with the machine's own apt sources and lists."""
+    folder.chmod(0o755)  # apt downloads as its sandbox user _apt, which must be able to write here
+    try:
+        proc = subprocess.run(
+            ["apt-get", "download", "-q", "busybox-static"], cwd=folder, capture_output=True, text=True, timeout=300
+        )
+    except FileNotFoundError as exc:
+        raise ImageError(f"apt-get is needed to download busybox-static for {BUSYBOX_IMAGE} (Debian host)") from exc
+    debs = sorted(folder.glob("busybox-static_*.deb"))
+    if proc.returncode != 0 or not debs:
+        raise ImageError(
+            f"apt-get download busybox-static failed (exit {proc.returncode}): {proc.stderr.strip()[-1000:]}\n"
+            "if apt does not know the package or gets 404s, refresh this machine's lists: apt-get update"
+        )
+    return debs[0]
+
+
+def _busybox_rootfs(deb: Path, root: Path) -> None:
+    """A root file system of just /bin/busybox and its applet links (and the usual empty folders)."""
+    extracted = root.parent / "deb"
+    _run(["dpkg-deb", "-x", str(deb), str(extracted)], what=f"extracting {deb.name}")
+    binary = extracted / "bin" / "busybox"
+    if not binary.is_file():
+        raise ImageError(f"{deb.name} has no bin/busybox")
+    for folder in ("bin", "dev", "etc", "proc", "sys", "tmp"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(binary, root / "bin" / "busybox")
+    for applet in BUSYBOX_APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+
+
+def ensure_busybox_image(*, force: bool = False) -> str:
+    """Build BUSYBOX_IMAGE (`docker import` of Debian's busybox-static) unless it exists; return its tag.
+
+    The roles' layered GPU check starts a container on it inside a host; any image with a shell
+    would do, and this one needs no registry and is ~1 MB, so loading it into a host is instant.
+    """
+    ensure_docker()
+    with cache_lock("busybox-image.lock"):
+        if not force and image_id(BUSYBOX_IMAGE):
+            return BUSYBOX_IMAGE
+        log(f"building {BUSYBOX_IMAGE} from Debian's busybox-static")
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
+            work = Path(scratch)
+            deb = _download_busybox_deb(work)
+            root = work / "rootfs"
+            _busybox_rootfs(deb, root)
+            tar = subprocess.Popen(
+                ["tar", "--numeric-owner", "--owner=0", "--group=0", "-C", str(root), "-c", "."],
+                stdout=subprocess.PIPE,
+            )
+            try:
+                proc = subprocess.run(
+                    ["docker", "import", "--change", 'CMD ["/bin/sh"]',
+                     "--change", f"LABEL io.gpufleet.busybox.deb={deb.name}",
+                     "--message", f"gpufleet: {deb.name}", "-", BUSYBOX_IMAGE],
+                    stdin=tar.stdout, capture_output=True, text=True, timeout=DOCKER_TIMEOUT_S,
+                )  # fmt: skip
+            finally:
+                if tar.stdout:
+                    tar.stdout.close()
+                tar.wait(timeout=60)
+            if proc.returncode != 0 or tar.returncode != 0:
+                raise ImageError(f"docker import {BUSYBOX_IMAGE} failed: {proc.stderr.strip()[-1000:]}")
+    return BUSYBOX_IMAGE
