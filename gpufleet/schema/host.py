@@ -19,6 +19,7 @@ from gpufleet.schema.sections import (
     Monitoring,
     NvidiaDriver,
     Port,
+    Preflight,
     Section,
     Serving,
     Slo,
@@ -56,6 +57,7 @@ class HostVars(Section):
     gateway: Gateway | None = Field(default=None, description="the nginx gateway")
     slo: Slo | None = Field(default=None, description="service level objectives")
     monitoring: Monitoring | None = Field(default=None, description="monitoring services")
+    preflight: Preflight | None = Field(default=None, description="checks before a GPU host is touched")
     nvidia_driver: NvidiaDriver | None = Field(default=None, description="NVIDIA driver packages")
     cuda: Cuda | None = Field(default=None, description="CUDA toolkit")
     container_toolkit: ContainerToolkit | None = Field(default=None, description="NVIDIA container toolkit")

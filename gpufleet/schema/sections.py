@@ -315,6 +315,14 @@ class Monitoring(Section):
     ports: MonitoringPorts = Field(description="ports of the monitoring services and exporters")
 
 
+class Preflight(Section):
+    """What a GPU host must offer before anything is installed on it."""
+
+    min_free_disk_gib: float = Field(
+        ge=0, description="free GiB needed on / and on Docker's data folder (driver, CUDA, images, model cache)"
+    )
+
+
 class NvidiaDriver(Section):
     source: Literal["cuda_repo", "distro"] = Field(
         description="NVIDIA's CUDA repository or the distribution's packages"
@@ -340,6 +348,14 @@ class ContainerToolkit(Section):
     version: str = Field(description="nvidia-container-toolkit version for all four packages, e.g. '1.17.8-1'")
     repo_url: str = Field(description="NVIDIA container toolkit repository URL; set for a mirror")
     gpg_key_url: str = Field(description="URL of the repository's signing key; set for a mirror")
+    check_image: str = Field(
+        description="image the layered check runs `nvidia-smi -L` in with `--gpus all`; set for a private registry"
+    )
+    check_image_archive: str | None = Field(
+        default=None,
+        description="URL of a `docker save` archive of check_image, loaded when the image is missing "
+        "(for fleets that reach no registry); null: pulled",
+    )
 
 
 class Docker(Section):

@@ -235,7 +235,7 @@ SCHEMA_CASES = [
         "error: <root>/group_vars/gateway.yml:1: gatway: unknown key 'gatway'\n"
         "  fix: did you mean 'gateway'? (valid keys: ansible_become, ansible_connection, ansible_host, "
         "ansible_port, ansible_ssh_private_key_file, ansible_user, container_toolkit, cuda, docker, engine, "
-        "gateway, gpus, layout, limits, model, monitoring, nvidia_driver, serving, slo)",
+        "gateway, gpus, layout, limits, model, monitoring, nvidia_driver, preflight, serving, slo)",
         id="unknown-top-level-key",
     ),
     pytest.param(
@@ -256,7 +256,7 @@ SCHEMA_CASES = [
         "error: <root>/host_vars/gpu-01.yml:1: 5: unknown key 5 (YAML reads it as a number, not a name)\n"
         "  fix: use one of the valid keys: ansible_become, ansible_connection, ansible_host, ansible_port, "
         "ansible_ssh_private_key_file, ansible_user, container_toolkit, cuda, docker, engine, gateway, gpus, "
-        "layout, limits, model, monitoring, nvidia_driver, serving, slo",
+        "layout, limits, model, monitoring, nvidia_driver, preflight, serving, slo",
         id="number-as-key",
     ),
     pytest.param(
