@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv test test-unit test-integration test-e2e images lint plan validate docs demo demo-down bench clean
+.PHONY: help setup venv test test-unit test-integration test-e2e images lint plan validate docs testbed-up testbed-down provision demo demo-down bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,9 +44,19 @@ validate: venv ## validate the example fleet, secrets included
 docs: venv ## regenerate docs/configuration.md from the schema
 	$(BIN)/python -m gpufleet.docs_gen > docs/configuration.md
 
-bench: venv ## run the benchmarks in benchmarks/ and print their figures (about 2 minutes)
+testbed-up: setup ## start the test bed hosts of inventories/local (systemd containers, simulated GPUs, stand-in mirror)
+	$(BIN)/python -m gpufleet.testbed up inventories/local
+
+testbed-down: setup ## remove the test bed hosts of inventories/local
+	$(BIN)/python -m gpufleet.testbed down inventories/local
+
+provision: setup ## converge the test bed hosts with deploy/gpu.py (driver, CUDA, Docker, container toolkit)
+	$(BIN)/pyinfra -y inventories/local/inventory.py deploy/gpu.py
+
+bench: setup ## run the benchmarks in benchmarks/ and print their figures (about 10 minutes)
 	$(BIN)/python benchmarks/bench_inventory.py
 	$(BIN)/python benchmarks/bench_sim_capacity.py
+	$(BIN)/python benchmarks/bench_gpu_rerun.py
 
 demo: ## run the whole chain on this machine (not yet: lands with the one-machine test bed)
 	@echo "make demo: not yet. The one-machine test bed (simulated GPU hosts, deploy, load test) is still" >&2

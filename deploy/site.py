@@ -5,6 +5,9 @@ how `roles` is found). The inventory has already been validated and planned by t
 runs; roles read each host's typed configuration from `host.data.gpufleet`.
 """
 
+from pyinfra import local
+
 from roles import host_manifest
 
 host_manifest.apply()
+local.include("deploy/gpu.py")  # GPU hosts: driver, CUDA, Docker, container toolkit

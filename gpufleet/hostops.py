@@ -119,22 +119,28 @@ def deb_from_url(package: str, url: str) -> Iterator[str]:
 def keyring_from_url(url: str, dest: str) -> Iterator[str]:
     """Fetch a repository's signing key into a binary keyring for `signed-by=` (apt-key is gone).
 
-    Refetched when the key behind the URL changed (a rotated key), compared by digest.
+    Refetched when the key behind the URL changed (a rotated key), compared by digest. The URL
+    is fetched only when the run executes: a --dry run contacts nothing but the hosts.
     """
+    have = host.get_fact(Command, command=f"sha256sum {dest} 2>/dev/null || true")
+    parent = str(PurePosixPath(dest).parent)
+    fetch = (
+        f"mkdir -p {parent} && curl -fsSL --retry 3 {shlex.quote(url)} | gpg --dearmor --yes -o {dest}.tmp "
+        f"&& chmod 644 {dest}.tmp && mv {dest}.tmp {dest}"
+    )
+    if not executing():
+        if not have:
+            yield fetch
+        return
     want = host.get_fact(
         Command,
         command=f"(curl -fsSL --retry 3 {shlex.quote(url)} | gpg --dearmor | sha256sum) 2>/dev/null || true",
     )
-    have = host.get_fact(Command, command=f"sha256sum {dest} 2>/dev/null || true")
     if have and (not want or want.split()[0] == EMPTY_SHA256):
         return  # the key server is unreachable now: keep the keyring we have rather than fail the host
     if want and have and want.split()[0] == have.split()[0]:
         return
-    parent = str(PurePosixPath(dest).parent)
-    yield (
-        f"mkdir -p {parent} && curl -fsSL --retry 3 {shlex.quote(url)} | gpg --dearmor --yes -o {dest}.tmp "
-        f"&& chmod 644 {dest}.tmp && mv {dest}.tmp {dest}"
-    )
+    yield fetch
 
 
 # JSON configuration ---------------------------------------------------------------------------

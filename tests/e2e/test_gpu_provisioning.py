@@ -26,7 +26,7 @@ import pytest
 
 from gpufleet.paths import REPO_ROOT
 from gpufleet.testbed import hosts as testbed
-from gpufleet.testbed.standin import build_mirror
+from gpufleet.testbed.bed import prepare_mirror
 
 PYINFRA = str(Path(sys.executable).parent / "pyinfra")
 LOCAL_INVENTORY = REPO_ROOT / "inventories" / "local"
@@ -82,12 +82,8 @@ def converges_without_changes(inventory: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("mirror")
-    build_mirror(out)
-    # the layered check's image, for hosts that reach no registry (container_toolkit.check_image_archive)
-    (out / "images").mkdir(exist_ok=True)
-    testbed.save_check_image(out / "images" / "busybox-standin.tar")
-    return out
+    # stand-in packages and the layered check's image (container_toolkit.check_image_archive)
+    return prepare_mirror(tmp_path_factory.mktemp("mirror"))
 
 
 @pytest.fixture(scope="module")

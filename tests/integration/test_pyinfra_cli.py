@@ -21,6 +21,16 @@ def _local_fleet(tmp_path: Path) -> Path:
     return root
 
 
+def _local_monitoring_host(tmp_path: Path) -> Path:
+    """This machine as a monitoring host: site.py's GPU roles skip it (they need systemd, which a
+    CI container lacks; tests/e2e/test_gpu_provisioning.py runs them on systemd host containers)."""
+    root = _local_fleet(tmp_path)
+    (root / "group_vars" / "gpu.yml").unlink()
+    hosts = "all:\n  children:\n    monitoring:\n      hosts:\n        mon-01: {ansible_connection: local}\n"
+    (root / "hosts.yml").write_text(hosts)
+    return root
+
+
 def test_pyinfra_reads_the_yaml_inventory_with_ssh_settings(example_copy: Path):
     assert gpufleet("keys", "add", str(example_copy), "ci").code == 0
     result = pyinfra(str(example_copy / "inventory.py"), "debug-inventory", "--json")
@@ -56,7 +66,7 @@ def test_pyinfra_stops_when_secrets_are_missing(example_copy: Path):
 
 
 def test_site_deploy_plans_the_host_manifest_on_a_local_host(tmp_path: Path):
-    root = _local_fleet(tmp_path)
+    root = _local_monitoring_host(tmp_path)
     result = pyinfra(str(root / "inventory.py"), "deploy/site.py", "--dry")
     assert result.code == 0, result.err + result.out
     output = result.err + result.out

@@ -1,0 +1,5 @@
+import sys
+
+from gpufleet.testbed.bed import main
+
+sys.exit(main())

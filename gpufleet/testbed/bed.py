@@ -1,0 +1,82 @@
+"""Bring the test bed of an inventory up and down: the mirror, and one host container per host.
+
+The inventory is the single source: every host with `ansible_connection: docker` becomes a host
+container named by its `ansible_host`, with the inventory's `gpus.count` simulated GPUs. The
+mirror (stand-in packages and the layered check's image archive) goes to the cache folder.
+
+    python -m gpufleet.testbed up [inventories/local]      # make testbed-up
+    python -m gpufleet.testbed down [inventories/local]    # make testbed-down
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gpufleet.errors import ConfigError
+from gpufleet.fleet import Fleet, load_fleet
+from gpufleet.paths import REPO_ROOT
+from gpufleet.testbed import hosts as testbed
+from gpufleet.testbed.images import ImageError, cache_dir, log
+from gpufleet.testbed.standin import StandinError, build_mirror
+
+DEFAULT_INVENTORY = REPO_ROOT / "inventories" / "local"
+CHECK_IMAGE_ARCHIVE = Path("images") / "busybox-standin.tar"  # inventories/local's check_image_archive
+
+
+def prepare_mirror(out: Path) -> Path:
+    """Stand-in packages plus the layered check's image archive, in `out` (served as-is)."""
+    out.mkdir(parents=True, exist_ok=True)
+    build_mirror(out)
+    testbed.save_check_image(out / CHECK_IMAGE_ARCHIVE)
+    return out
+
+
+def host_containers(fleet: Fleet) -> dict[str, int]:
+    """Test bed host name -> simulated GPUs, for the inventory's docker-connected hosts."""
+    found: dict[str, int] = {}
+    for fleet_host in fleet.hosts:
+        config = fleet_host.config
+        if config.ansible_connection != "docker":
+            continue
+        container = config.ansible_host or fleet_host.name
+        name = container.removeprefix(testbed.container_name(""))
+        found[name] = config.gpus.count if config.gpus else 0
+    return found
+
+
+def up(inventory: Path) -> list[testbed.TestbedHost]:
+    fleet = load_fleet(inventory, check_secrets=False)
+    wanted = host_containers(fleet)
+    mirror = prepare_mirror(cache_dir() / "mirror")
+    started = testbed.start_hosts(list(wanted), mirror_dir=mirror, gpus=wanted)
+    log(f"test bed up: {', '.join(h.container for h in started)}; "
+        f"now: pyinfra -y {inventory}/inventory.py deploy/gpu.py")
+    return started
+
+
+def down(inventory: Path) -> None:
+    fleet = load_fleet(inventory, check_secrets=False)
+    testbed.stop_hosts([testbed.TestbedHost(name, testbed.container_name(name), gpus)
+                        for name, gpus in host_containers(fleet).items()])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpufleet.testbed", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("inventory", nargs="?", type=Path, default=DEFAULT_INVENTORY)
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "up":
+            up(args.inventory)
+        else:
+            down(args.inventory)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    except (ImageError, StandinError, testbed.HostError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
