@@ -1,0 +1,130 @@
+"""Each engine container's spec, a pure function of the host's plan and settings.
+
+One container per instance of the host's layout (`gpufleet plan` shows them). The spec is the
+`docker create` options, the image and the engine's arguments; its hash goes into a label, so
+the role can recreate a container exactly when its spec changed (pyinfra's docker.container
+does not diff specs) and leave it alone otherwise.
+
+What every engine container gets, and why:
+- its GPUs only: `--gpus device=<indices>` (the simulator, which has no GPU, gets the same
+  indices in CUDA_VISIBLE_DEVICES, as a process in the container would see them);
+- memory with swap equal to it (an engine that swaps is slower than one that is killed), CPUs
+  as a limit or a cpuset (`auto`: the host's cores split evenly across instances), a pids
+  limit, shared memory for tensor parallelism (or the host's IPC namespace);
+- memlock and stack ulimits as NVIDIA recommends for NCCL;
+- its port published on 127.0.0.1 only: clients come through the gateway;
+- restart unless stopped, json-file logs rotated like Docker's own (docker.log_max_*), a health
+  check on the engine's /health, the model cache on the host (one download for all instances).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+CONTAINER_PREFIX = "gpufleet-engine-"
+SPEC_HASH_LABEL = "io.gpufleet.spec-hash"
+ROLE_LABEL = "io.gpufleet.role"
+INSTANCE_LABEL = "io.gpufleet.instance"
+MODEL_CACHE = "/var/lib/gpufleet/model-cache"
+STACK_BYTES = 67108864  # 64 MiB, NVIDIA's recommended stack ulimit for CUDA/NCCL containers
+
+# where each engine listens inside its container, and keeps downloaded weights
+CONTAINER_PORT = {"vllm": 8000, "tgi": 80, "sim": 8000}
+CACHE_MOUNT = {"vllm": "/root/.cache/huggingface", "tgi": "/data", "sim": "/root/.cache/huggingface"}
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    image: str
+    options: tuple[str, ...]  # `docker create` options, labels included
+    command: tuple[str, ...]  # the engine's arguments (after the image's entrypoint)
+    instance: int
+    gpus: tuple[int, ...]
+    host_port: int
+    spec_hash: str
+
+    def create_args(self) -> list[str]:
+        return ["docker", "create", "--name", self.name, *self.options, self.image, *self.command]
+
+
+def cpusets(host_cpus: int, instances: int) -> list[str]:
+    """The host's cores split into `instances` contiguous, equal ranges ('0-7', '8-15', ...)."""
+    if host_cpus < instances:
+        raise ValueError(f"{host_cpus} CPUs cannot be split across {instances} instances")
+    share = host_cpus // instances
+    return [f"{i * share}-{(i + 1) * share - 1}" if share > 1 else str(i * share) for i in range(instances)]
+
+
+def _health_command(kind: str, port: int) -> str:
+    # engines' images differ in tools (no curl in some); python3 is in all of them
+    probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=5)"
+    return f'python3 -c "{probe}"'
+
+
+def _spec_hash(image: str, options: list[str], command: list[str]) -> str:
+    canonical = json.dumps({"image": image, "options": options, "command": command}, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def container_specs(config: Any, plan: Any, *, host_cpus: int | None = None, memlock: str = "-1",
+                    log_max_size: str = "100m", log_max_file: int = 3) -> list[ContainerSpec]:
+    """The engine containers of a GPU host (`config`: HostVars, `plan`: HostPlan).
+
+    `host_cpus` is needed for `limits.cpuset: auto`. `memlock` is the memlock ulimit ("-1":
+    unlimited), lowered only where the Docker daemon cannot grant more.
+    """
+    kind = config.engine.kind
+    limits = config.limits
+    instances = plan.instances
+    sets: list[str] | None = None
+    if limits.cpuset == "auto":
+        if host_cpus is None:
+            raise ValueError("limits.cpuset auto needs the host's CPU count")
+        sets = cpusets(host_cpus, len(instances))
+    elif isinstance(limits.cpuset, list):
+        if len(limits.cpuset) != len(instances):
+            raise ValueError(f"limits.cpuset has {len(limits.cpuset)} entries for {len(instances)} instances")
+        sets = list(limits.cpuset)
+    port_inside = CONTAINER_PORT[kind]
+    specs = []
+    for instance in instances:
+        devices = ",".join(str(gpu) for gpu in instance.gpus)
+        options = [
+            "--restart", "unless-stopped",
+            "--memory", limits.memory, "--memory-swap", limits.memory,
+            "--pids-limit", str(limits.pids),
+            "--ulimit", f"memlock={memlock}", "--ulimit", f"stack={STACK_BYTES}",
+            "--publish", f"127.0.0.1:{instance.port}:{port_inside}",
+            "--log-driver", "json-file",
+            "--log-opt", f"max-size={log_max_size}", "--log-opt", f"max-file={log_max_file}",
+            "--volume", f"{MODEL_CACHE}:{CACHE_MOUNT[kind]}",
+        ]  # fmt: skip
+        if sets is not None:
+            options += ["--cpuset-cpus", sets[instance.index]]
+        elif limits.cpus is not None:
+            options += ["--cpus", f"{limits.cpus:g}"]
+        options += ["--ipc", "host"] if limits.ipc_host else ["--shm-size", limits.shm_size]
+        if kind == "sim":
+            options += ["--env", f"CUDA_VISIBLE_DEVICES={devices}"]  # the image's own HEALTHCHECK probes it
+        else:
+            options += ["--gpus", f'"device={devices}"']
+            options += ["--health-cmd", _health_command(kind, port_inside), "--health-interval", "15s",
+                        "--health-timeout", "5s", "--health-retries", "3", "--health-start-period", "900s"]
+        command = list(instance.flags) + list(config.engine.extra_args)
+        if kind == "sim":
+            command = ["--host", "0.0.0.0", "--port", str(port_inside), "--gpu", plan.gpu.id, *command]
+        elif kind == "vllm":
+            command = [*command, "--host", "0.0.0.0", "--port", str(port_inside)]
+        digest = _spec_hash(config.engine.image, options, command)
+        labels = ["--label", f"{ROLE_LABEL}=inference", "--label", f"{INSTANCE_LABEL}={instance.index}",
+                  "--label", f"{SPEC_HASH_LABEL}={digest}"]
+        specs.append(ContainerSpec(
+            name=f"{CONTAINER_PREFIX}{instance.index}", image=config.engine.image,
+            options=tuple(options + labels), command=tuple(command), instance=instance.index,
+            gpus=instance.gpus, host_port=instance.port, spec_hash=digest,
+        ))
+    return specs
