@@ -177,6 +177,23 @@ def json_merged(path: str, settings: dict[str, Any], mode: str = "644") -> Itera
     yield from files.put._inner(src=StringIO(text), dest=path, mode=mode)
 
 
+# Docker ------------------------------------------------------------------------------------------
+
+
+@operation()
+def image_present(image: str, archive_url: str | None = None) -> Iterator[str]:
+    """Docker has `image`: loaded from a `docker save` archive when one is given (fleets that
+    reach no registry), else pulled."""
+    inspect = f"docker image inspect --format ok {shlex.quote(image)} 2>/dev/null || true"
+    present = host.get_fact(Command, command=inspect)
+    if present == "ok":
+        return
+    if archive_url:
+        yield f"curl -fsSL --retry 3 {shlex.quote(archive_url)} | docker load"
+    else:
+        yield f"docker pull {shlex.quote(image)}"
+
+
 # the NVIDIA stack -------------------------------------------------------------------------------
 
 

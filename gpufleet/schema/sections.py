@@ -76,6 +76,11 @@ class Engine(Section):
     )
     port: Port = Field(description="loopback port of the first instance; instance i listens on port + i")
     extra_args: list[str] = Field(default_factory=list, description="extra engine command-line arguments")
+    image_archive: str | None = Field(
+        default=None,
+        description="URL of a `docker save` archive of the image, loaded when the host lacks it (fleets that "
+        "reach no registry); null: pulled",
+    )
 
     @field_validator("image")
     @classmethod

@@ -19,18 +19,24 @@ from gpufleet.errors import ConfigError
 from gpufleet.fleet import Fleet, load_fleet
 from gpufleet.paths import REPO_ROOT
 from gpufleet.testbed import hosts as testbed
-from gpufleet.testbed.images import ImageError, cache_dir, log
+from gpufleet.testbed import images
+from gpufleet.testbed.images import ImageError, cache_dir, log, run_command
 from gpufleet.testbed.standin import StandinError, build_mirror
 
 DEFAULT_INVENTORY = REPO_ROOT / "inventories" / "local"
 CHECK_IMAGE_ARCHIVE = Path("images") / "busybox-standin.tar"  # inventories/local's check_image_archive
+SIM_IMAGE_ARCHIVE = Path("images") / "sim.tar"  # inventories/local's engine.image_archive
 
 
-def prepare_mirror(out: Path) -> Path:
-    """Stand-in packages plus the layered check's image archive, in `out` (served as-is)."""
+def prepare_mirror(out: Path, *, sim_image: bool = False) -> Path:
+    """Stand-in packages plus the layered check's image archive (and the simulator's), in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     build_mirror(out)
     testbed.save_check_image(out / CHECK_IMAGE_ARCHIVE)
+    if sim_image:
+        images.ensure_sim_image()
+        run_command(["docker", "save", "--output", str(out / SIM_IMAGE_ARCHIVE), images.SIM_IMAGE],
+                    what=f"docker save {images.SIM_IMAGE}", timeout=600)
     return out
 
 
@@ -50,7 +56,7 @@ def host_containers(fleet: Fleet) -> dict[str, int]:
 def up(inventory: Path) -> list[testbed.TestbedHost]:
     fleet = load_fleet(inventory, check_secrets=False)
     wanted = host_containers(fleet)
-    mirror = prepare_mirror(cache_dir() / "mirror")
+    mirror = prepare_mirror(cache_dir() / "mirror", sim_image=True)
     started = testbed.start_hosts(list(wanted), mirror_dir=mirror, gpus=wanted)
     log(f"test bed up: {', '.join(h.container for h in started)}; "
         f"now: pyinfra -y {inventory}/inventory.py deploy/gpu.py")

@@ -23,6 +23,28 @@ else
 fi
 """
 
+
+
+def container_limits_script(container_id: str) -> str:
+    """CGROUP_LIMITS_SCRIPT's output for a container, read from outside it (on its Docker host).
+
+    For containers one cannot `docker exec` into (in nested Docker, exec into a container whose
+    processes run as a non-root user fails in runc's setns): the files are the same ones.
+    """
+    find = f'find /sys/fs/cgroup/$1 -maxdepth 5 -type d -name "*{container_id}*" 2>/dev/null | head -n1'
+    return (
+        f"dir() {{ {find}; }}\n"
+        "if [ -f /sys/fs/cgroup/cgroup.controllers ]; then\n"
+        "  d=$(dir .)\n"
+        '  echo "memory $(cat $d/memory.max)"; echo "cpu $(cat $d/cpu.max)"; echo "pids $(cat $d/pids.max)"\n'
+        "else\n"
+        '  echo "memory $(cat $(dir memory)/memory.limit_in_bytes)"\n'
+        '  echo "cpu $(cat $(dir cpu)/cpu.cfs_quota_us) $(cat $(dir cpu)/cpu.cfs_period_us)"\n'
+        '  echo "pids $(cat $(dir pids)/pids.max)"\n'
+        "fi\n"
+    )
+
+
 # cgroup v1 reports "no memory limit" as a huge page-aligned number, not "max".
 _V1_UNLIMITED_MEMORY = 2**62
 

@@ -11,7 +11,6 @@ container started with `--gpus all` must list the inventory's GPUs.
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Iterator
 from io import StringIO
 from typing import Any
@@ -28,6 +27,7 @@ from gpufleet.hostops import (
     docker_nvidia_runtime,
     executing,
     fail_host,
+    image_present,
     keyring_from_url,
     packages_installed,
 )
@@ -57,14 +57,6 @@ def gpus_in_containers(image: str, count: int) -> Iterator[Any]:
         )
 
 
-@operation()
-def image_loaded(image: str, archive_url: str) -> Iterator[str]:
-    """Load the check image from an archive when Docker lacks it (fleets without a registry)."""
-    present = host.get_fact(Command, command=f"docker image inspect --format ok {image} 2>/dev/null || true")
-    if present != "ok":
-        yield f"curl -fsSL --retry 3 {shlex.quote(archive_url)} | docker load"
-
-
 @deploy("nvidia container toolkit")
 def apply() -> None:
     config = host.data.gpufleet.config
@@ -91,6 +83,6 @@ def apply() -> None:
                     _if=runtime.did_change)
     cdi_spec(name="CDI spec", path=CDI_SPEC)
     if settings.check_image_archive:
-        image_loaded(name="check image from its archive", image=settings.check_image,
-                     archive_url=settings.check_image_archive)
+        image_present(name="check image from its archive", image=settings.check_image,
+                      archive_url=settings.check_image_archive)
     gpus_in_containers(name="containers see the GPUs", image=settings.check_image, count=config.gpus.count)

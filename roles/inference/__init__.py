@@ -1,5 +1,147 @@
 """Role inference: the engine containers of a GPU host (vLLM, TGI or gpufleet's simulator).
 
-spec.py builds each instance's container spec from the host's plan and settings; the deploy
-function that converges the containers to those specs lands with the serving issue (5).
+spec.py builds each instance's container spec from the host's plan and settings. The role
+converges the host to those specs: a container is (re)created only when its spec hash label
+differs from the spec's (pyinfra's docker.container does not diff specs), started when it is
+stopped, and containers of instances the layout no longer has are removed. Then it waits until
+each engine is healthy and answers one smoke completion.
 """
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+from pyinfra import host
+from pyinfra.api import deploy, operation
+from pyinfra.facts.server import Command
+from pyinfra.operations import files
+
+from gpufleet.hostops import executing, fail_host, image_present
+from roles.inference.spec import CONTAINER_PREFIX, ROLE_LABEL, SPEC_HASH_LABEL, ContainerSpec, container_specs
+
+MODEL_CACHE_DIR = "/var/lib/gpufleet/model-cache"
+HEALTHY_TIMEOUT_S = 1800  # a real engine downloads and loads the model first
+POLL_S = 2.0
+
+
+def _container_state(name: str) -> tuple[str, bool] | None:
+    """(spec hash label, running) of a container, None when there is none."""
+    fmt = f'{{{{index .Config.Labels "{SPEC_HASH_LABEL}"}}}} {{{{.State.Running}}}}'
+    out = host.get_fact(Command, command=f"docker inspect --format '{fmt}' {name} 2>/dev/null || true")
+    if not out:
+        return None
+    label, _, running = out.strip().rpartition(" ")
+    return label, running == "true"
+
+
+@operation()
+def engine_container(spec: ContainerSpec) -> Iterator[str]:
+    """Create the container when missing or of another spec; start it when stopped."""
+    state = _container_state(spec.name)
+    if state is not None and state[0] == spec.spec_hash:
+        if not state[1]:
+            yield f"docker start {spec.name}"
+        return
+    if state is not None:
+        yield f"docker rm -f {spec.name}"
+    yield " ".join(shlex.quote(arg) for arg in spec.create_args())
+    yield f"docker start {spec.name}"
+
+
+@operation()
+def stale_engines_removed(keep: list[str]) -> Iterator[str]:
+    """Remove engine containers of instances the layout no longer has."""
+    out = host.get_fact(
+        Command,
+        command=f"docker ps -a --filter label={ROLE_LABEL}=inference --format '{{{{.Names}}}}' 2>/dev/null || true",
+    )
+    stale = sorted(name for name in (out or "").split() if name.startswith(CONTAINER_PREFIX) and name not in keep)
+    if stale:
+        yield f"docker rm -f {' '.join(stale)}"
+
+
+def _wait_healthy(spec: ContainerSpec, timeout: float) -> str | None:
+    """None once the engine's /health answers 200 on its published port; else why not.
+
+    The port is what clients (the gateway) use, so that is what is waited for; Docker's own
+    health status (the container's health check) follows it but lags by an interval.
+    """
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        status = host.get_fact(
+            Command,
+            command=f"curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{spec.host_port}/health 2>/dev/null; "
+            f"echo \" $(docker inspect --format '{{{{.State.Running}}}}' {spec.name} 2>/dev/null)\"",
+        ) or ""
+        code, _, running = status.strip().partition(" ")
+        if code == "200":
+            return None
+        if running.strip() != "true":
+            break
+        gevent.sleep(POLL_S)  # lets pyinfra's other hosts go on meanwhile
+    logs = host.get_fact(Command, command=f"docker logs --tail 20 {spec.name} 2>&1 || true") or ""
+    return f"{spec.name} did not become healthy (/health, running: {status or 'no answer'}); last log lines:\n{logs}"
+
+
+def _smoke_completion(spec: ContainerSpec, served_name: str) -> str | None:
+    """None when the engine answers one completion on its loopback port; else why not."""
+    body = json.dumps({"model": served_name, "prompt": "ping", "max_tokens": 1})
+    out = host.get_fact(
+        Command,
+        command=(
+            f"curl -sS -o /dev/null -w '%{{http_code}}' -H 'Content-Type: application/json' "
+            f"-d {shlex.quote(body)} http://127.0.0.1:{spec.host_port}/v1/completions 2>&1 || true"
+        ),
+    )
+    return None if out == "200" else f"{spec.name}: a smoke completion got {out or 'no answer'}"
+
+
+@operation()
+def engines_serving(specs: list[ContainerSpec], served_name: str, timeout: float = HEALTHY_TIMEOUT_S) -> Iterator[Any]:
+    """Each engine healthy and answering one completion (checked when the run executes)."""
+    if not executing():
+        return
+    for spec in specs:
+        problem = _wait_healthy(spec, timeout) or _smoke_completion(spec, served_name)
+        if problem:
+            yield fail_host(problem + "\n  fix: see `docker logs` of the container on the host; the plan is in "
+                            "/etc/gpufleet/host.json")
+            return
+
+
+def _memlock_limit() -> str:
+    """-1 (unlimited) unless dockerd itself runs with a lower hard memlock limit (then that)."""
+    out = host.get_fact(
+        Command,
+        command=(
+            "awk '/Max locked memory/ {print $5}' /proc/$(pidof dockerd | cut -d' ' -f1)/limits 2>/dev/null || true"
+        ),
+    )
+    return "-1" if not out or out == "unlimited" or not out.isdigit() else out
+
+
+def _host_cpus() -> int | None:
+    out = host.get_fact(Command, command="nproc 2>/dev/null || true")
+    return int(out) if out and out.isdigit() else None
+
+
+@deploy("inference")
+def apply() -> None:
+    fleet_host = host.data.gpufleet
+    config = fleet_host.config
+    specs = container_specs(
+        config, fleet_host.plan, host_cpus=_host_cpus(), memlock=_memlock_limit(),
+        log_max_size=config.docker.log_max_size, log_max_file=config.docker.log_max_file,
+    )
+    image_present(name="engine image", image=config.engine.image, archive_url=config.engine.image_archive)
+    files.directory(name="model cache", path=MODEL_CACHE_DIR, mode="755")
+    for spec in specs:
+        engine_container(name=f"engine {spec.instance} (GPUs {','.join(map(str, spec.gpus))})", spec=spec)
+    stale_engines_removed(name="engines the layout no longer has", keep=[spec.name for spec in specs])
+    engines_serving(name="engines healthy and answering", specs=specs, served_name=fleet_host.plan.served_name)
