@@ -14,6 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 from gpufleet.errors import ConfigError
 from gpufleet.fleet import Fleet, load_fleet
@@ -24,19 +25,32 @@ from gpufleet.testbed.images import ImageError, cache_dir, log, run_command
 from gpufleet.testbed.standin import StandinError, build_mirror
 
 DEFAULT_INVENTORY = REPO_ROOT / "inventories" / "local"
-CHECK_IMAGE_ARCHIVE = Path("images") / "busybox-standin.tar"  # inventories/local's check_image_archive
-SIM_IMAGE_ARCHIVE = Path("images") / "sim.tar"  # inventories/local's engine.image_archive
+def _mirror_path(url: str | None, what: str) -> Path:
+    """Where in the mirror a file the inventory names by URL (http://127.0.0.1:8765/<path>) goes."""
+    path = urlparse(url or "").path.lstrip("/")
+    if not path:
+        raise ValueError(f"{DEFAULT_INVENTORY}: {what} must be a URL on the test bed mirror, e.g. "
+                         f"http://127.0.0.1:8765/images/<file>.tar")
+    return Path(path)
 
 
-def prepare_mirror(out: Path, *, sim_image: bool = False) -> Path:
-    """Stand-in packages plus the layered check's image archive (and the simulator's), in `out`."""
+def prepare_mirror(out: Path, *, sim_image: bool = False, inventory: Path = DEFAULT_INVENTORY) -> Path:
+    """Stand-in packages plus the image archives the inventory's GPU hosts load, in `out`.
+
+    The inventory is the single source of where the archives live (`container_toolkit.
+    check_image_archive`, `engine.image_archive`) and which simulator image to save (`engine.image`).
+    """
+    config = next(h.config for h in load_fleet(inventory, check_secrets=False).hosts if h.in_group("gpu"))
     out.mkdir(parents=True, exist_ok=True)
     build_mirror(out)
-    testbed.save_check_image(out / CHECK_IMAGE_ARCHIVE)
+    check = out / _mirror_path(config.container_toolkit.check_image_archive, "container_toolkit.check_image_archive")
+    testbed.save_check_image(check)
     if sim_image:
         images.ensure_sim_image()
-        run_command(["docker", "save", "--output", str(out / SIM_IMAGE_ARCHIVE), images.SIM_IMAGE],
-                    what=f"docker save {images.SIM_IMAGE}", timeout=600)
+        archive = out / _mirror_path(config.engine.image_archive, "engine.image_archive")
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        run_command(["docker", "save", "--output", str(archive), config.engine.image],
+                    what=f"docker save {config.engine.image}", timeout=600)
     return out
 
 
