@@ -97,6 +97,29 @@ def run_command(
 _run = run_command
 
 
+def _reuse(tagged: str, moving_tag: str) -> bool:
+    """True when the content-tagged image exists; `moving_tag` is pointed at it then."""
+    if not image_id(tagged):
+        return False
+    if image_id(moving_tag) != image_id(tagged):
+        _run(["docker", "tag", tagged, moving_tag], what=f"tagging {moving_tag}")
+    return True
+
+
+class ContentDigest:
+    """A sha256 over named parts, each framed by its name and length (no two inputs collide)."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def add(self, name: str, data: bytes) -> None:
+        self._digest.update(f"{name}\0{len(data)}\0".encode())
+        self._digest.update(data)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 @contextlib.contextmanager
 def cache_lock(name: str) -> Iterator[None]:
     """Serialise builds across processes: several test runs may share one machine and one tree."""
@@ -246,11 +269,8 @@ def sim_content_hash(base_id: str, constraints: Sequence[str]) -> str:
     README.md is left out on purpose (the wheel's long description only): documentation edits
     should not rebuild engine images.
     """
-    digest = hashlib.sha256()
-
-    def add(name: str, data: bytes) -> None:
-        digest.update(f"{name}\0{len(data)}\0".encode())
-        digest.update(data)
+    digest = ContentDigest()
+    add = digest.add
 
     add("base", base_id.encode())
     add("python", IMAGE_PYTHON.encode())
@@ -447,9 +467,7 @@ def ensure_sim_image(*, force: bool = False) -> str:
             raise ImageError(f"{base} disappeared; run scripts/build-base-image.sh")
         content_hash = sim_content_hash(base_id, constraints)
         tagged = sim_image_tag(content_hash)
-        if not force and image_id(tagged):
-            if image_id(SIM_IMAGE) != image_id(tagged):
-                _run(["docker", "tag", tagged, SIM_IMAGE], what=f"tagging {SIM_IMAGE}")
+        if not force and _reuse(tagged, SIM_IMAGE):
             return tagged
 
         started = time.monotonic()
@@ -597,9 +615,7 @@ def ensure_host_image(*, force: bool = False) -> str:
             raise ImageError(f"{base} disappeared; run scripts/build-base-image.sh")
         content_hash = host_content_hash(base_id)
         tagged = host_image_tag(content_hash)
-        if not force and image_id(tagged):
-            if image_id(HOST_IMAGE) != image_id(tagged):
-                _run(["docker", "tag", tagged, HOST_IMAGE], what=f"tagging {HOST_IMAGE}")
+        if not force and _reuse(tagged, HOST_IMAGE):
             return tagged
 
         started = time.monotonic()

@@ -20,7 +20,6 @@ milliseconds; `python -m gpufleet.testbed.standin build OUT` does the same from 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -30,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpufleet.testbed.images import cache_dir, cache_lock, log
+from gpufleet.testbed.images import ContentDigest, cache_dir, cache_lock, log
 from gpufleet.testbed.standin import packages as catalogue
 from gpufleet.testbed.standin.debs import build_deb
 from gpufleet.testbed.standin.packages import Package, Repository, StandinError, check_kernel_release
@@ -93,11 +92,8 @@ def _input_files() -> list[Path]:
 
 def content_hash(kernel_release: str, key_fingerprint: str) -> str:
     """A hash of everything a mirror is built from (the Release dates aside)."""
-    digest = hashlib.sha256()
-
-    def add(name: str, data: bytes) -> None:
-        digest.update(f"{name}\0{len(data)}\0".encode())
-        digest.update(data)
+    digest = ContentDigest()
+    add = digest.add
 
     add("format", FORMAT.encode())
     add("kernel_release", kernel_release.encode())
