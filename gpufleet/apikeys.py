@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpufleet.errors import ConfigError, Problem
 from gpufleet.paths import display_path
+from gpufleet.secretfiles import secret_file_problem
 
 MIN_KEY_LENGTH = 24
 KEY_PREFIX = "sk-gf-"
@@ -24,16 +24,12 @@ class ApiKey:
 def read_api_keys(path: Path, key_path: str = "gateway.api_keys_file") -> list[ApiKey]:
     """Read and check the keys file; every problem names the file and line."""
     shown = display_path(path)
-    if not path.is_file():
+    found = secret_file_problem(path)
+    if found is not None:
+        message, fix = found
         raise ConfigError(
-            [Problem(file=shown, key=key_path, message="the API keys file does not exist",
-                     fix=f"create it with: gpufleet keys add {_inventory_hint(path)} <client-name>")]
-        )
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise ConfigError(
-            [Problem(file=shown, key=key_path, message=f"the API keys file is readable by others (mode {mode:04o})",
-                     fix=f"chmod 600 {shown}")]
+            [Problem(file=shown, key=key_path, message=f"the API keys file {message}",
+                     fix=fix or f"create it with: gpufleet keys add {_inventory_hint(path)} <client-name>")]
         )
     keys: list[ApiKey] = []
     problems: list[Problem] = []

@@ -8,7 +8,7 @@ problem, before any host is contacted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpufleet.apikeys import ApiKey, read_api_keys
@@ -18,6 +18,7 @@ from gpufleet.paths import ROLES_DIR, display_path
 from gpufleet.planner.host import HostPlan, HostRefusal, plan_host
 from gpufleet.schema.host import REQUIRED_BY_GROUP, ROLE_GROUPS, HostVars
 from gpufleet.schema.validate import validate_host
+from gpufleet.secretfiles import with_hf_tokens
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class FleetHost:
     config: HostVars
     plan: HostPlan | None  # GPU hosts only
     source: InventoryHost
+    hf_token: str | None = field(default=None, repr=False)  # engine.hf_token_file's token (when secrets are read)
 
     def in_group(self, group: str) -> bool:
         return group in self.groups
@@ -58,8 +60,8 @@ class Fleet:
 def load_fleet(path: Path, check_secrets: bool = True, roles_dir: Path = ROLES_DIR) -> Fleet:
     """Load and validate the inventory at `path`; raise `ConfigError` with every problem found.
 
-    `check_secrets=False` skips reading secret files (the API keys); the capacity planner does not
-    need them, so `gpufleet plan` works on a checkout that has no secrets yet.
+    `check_secrets=False` skips reading secret files (the API keys, the Hugging Face token); the
+    capacity planner does not need them, so `gpufleet plan` works on a checkout that has no secrets yet.
     """
     inventory = load_inventory(Path(path), roles_dir)
     problems: list[Problem] = []
@@ -75,6 +77,7 @@ def load_fleet(path: Path, check_secrets: bool = True, roles_dir: Path = ROLES_D
     keys: list[ApiKey] = []
     if check_secrets and not problems:
         keys = _read_keys(inventory, hosts, problems)
+        hosts = with_hf_tokens(inventory.root, hosts, problems)
     if problems:
         raise ConfigError(problems)
     return Fleet(inventory=inventory, hosts=tuple(hosts), api_keys=tuple(keys))

@@ -81,6 +81,12 @@ class Engine(Section):
         description="URL of a `docker save` archive of the image, loaded when the host lacks it (fleets that "
         "reach no registry); null: pulled",
     )
+    hf_token_file: str | None = Field(
+        default=None,
+        description="path, relative to the inventory folder, of a file holding the Hugging Face token for gated "
+        "models, mode 0600, never committed (inventories' secrets/ folder is git-ignored); null: no token "
+        "(public models)",
+    )
 
     @field_validator("image")
     @classmethod

@@ -17,9 +17,11 @@ import contextlib
 import gc
 import itertools
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol
 
 from aiohttp import web
@@ -40,6 +42,30 @@ log = logging.getLogger("gpufleet.sim")
 
 ApiKind = Literal["vllm", "tgi"]
 SHUTDOWN_TIMEOUT_S = 5.0
+
+
+def hf_token_status(environ: Mapping[str, str]) -> str | None:
+    """What the simulator says at start-up about the Hugging Face token file HF_TOKEN_PATH names
+    (None when it names none): whether this process can read it and the token's length, never
+    the token. A real engine reads the file when it downloads; the simulator downloads nothing.
+    """
+    path = environ.get("HF_TOKEN_PATH")
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return f"HF_TOKEN_PATH {path}: no such file"
+    except PermissionError:
+        try:
+            info = os.stat(path)
+            what = f"mode {info.st_mode & 0o777:04o}, owner uid {info.st_uid}"
+        except OSError as exc:
+            what = exc.strerror or str(exc)
+        return f"HF_TOKEN_PATH {path}: present but unreadable by uid {os.getuid()} ({what})"
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"HF_TOKEN_PATH {path}: cannot be read ({type(exc).__name__})"
+    return f"HF_TOKEN_PATH {path}: readable, a token of {len(token)} characters"
 
 
 class Engine(Protocol):
@@ -198,6 +224,9 @@ class SimServer:
             __version__, "TGI" if options.api == "tgi" else "vLLM", options.profile, options.config.model,
             self.startup_delay_s, options.host, options.port,
         )
+        token_line = hf_token_status(os.environ)
+        if token_line is not None:
+            log.info("%s", token_line)
         await self.engine.start()
         if self.startup_delay_s > 0:
             # a stop during the load ends it: wait() then shuts down without ever binding

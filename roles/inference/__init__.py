@@ -5,19 +5,29 @@ converges the host to those specs: a container is (re)created only when its spec
 differs from the spec's (pyinfra's docker.container does not diff specs), started when it is
 stopped, and containers of instances the layout no longer has are removed. Then it waits until
 each engine is healthy and answers one smoke completion.
+
+With `engine.hf_token_file` set, the Hugging Face token is uploaded to HF_TOKEN_FILE (folder
+0700, file 0600, root's) by a checksum-comparing operation that never prints the file, even
+under `--diff` (files.put would show its lines); the engines mount it read-only (spec.py).
+Without it, a token left from an earlier setting is removed. A new token value is uploaded but
+does not recreate the engines: an engine reads the token when it downloads, at start-up, so it
+uses the new one from its next start (docs/serving.md, "Changing the token").
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import time
 from collections.abc import Iterator
+from io import StringIO
 from typing import Any
 
 import gevent
 from pyinfra import host
-from pyinfra.api import deploy, operation
+from pyinfra.api import FileUploadCommand, deploy, operation
+from pyinfra.facts.files import File, Sha256File
 from pyinfra.facts.server import Command
 from pyinfra.operations import files
 
@@ -25,6 +35,8 @@ from gpufleet.hostops import executing, fail_host, image_present
 from roles.inference.spec import CONTAINER_PREFIX, ROLE_LABEL, SPEC_HASH_LABEL, ContainerSpec, container_specs
 
 MODEL_CACHE_DIR = "/var/lib/gpufleet/model-cache"
+SECRETS_DIR = "/etc/gpufleet/secrets"
+HF_TOKEN_FILE = f"{SECRETS_DIR}/hf_token"
 HEALTHY_TIMEOUT_S = 1800  # a real engine downloads and loads the model first
 POLL_S = 2.0
 
@@ -51,6 +63,22 @@ def engine_container(spec: ContainerSpec) -> Iterator[str]:
         yield f"docker rm -f {spec.name}"
     yield " ".join(shlex.quote(arg) for arg in spec.create_args())
     yield f"docker start {spec.name}"
+
+
+@operation()
+def token_file(dest: str, token: str) -> Iterator[Any]:
+    """`dest` holds the token on one line, root's, mode 0600; nothing of it is ever printed.
+
+    files.put prints a changed file's lines under `--diff` (the old ones too, read with `cat`);
+    this compares SHA-256 checksums only, and uploads from memory (no local copy to leak).
+    """
+    content = token + "\n"
+    same = host.get_fact(Sha256File, path=dest) == hashlib.sha256(content.encode()).hexdigest()
+    if not same:
+        yield FileUploadCommand(StringIO(content), dest, remote_temp_filename=host.get_temp_filename(dest))
+    info = host.get_fact(File, path=dest) if same else None
+    if info is None or (info.get("mode"), info.get("user"), info.get("group")) != (600, "root", "root"):
+        yield f"chown root:root {shlex.quote(dest)} && chmod 600 {shlex.quote(dest)}"
 
 
 @operation()
@@ -135,11 +163,20 @@ def _host_cpus() -> int | None:
 def apply() -> None:
     fleet_host = host.data.gpufleet
     config = fleet_host.config
+    token = config.engine.hf_token_file
     specs = container_specs(
         config, fleet_host.plan, host_cpus=_host_cpus(), memlock=_memlock_limit(),
         log_max_size=config.docker.log_max_size, log_max_file=config.docker.log_max_file,
+        hf_token=HF_TOKEN_FILE if token is not None else None,
     )
     image_present(name="engine image", image=config.engine.image, archive_url=config.engine.image_archive)
+    if token is not None:
+        files.directory(name="secrets folder", path=SECRETS_DIR, user="root", group="root", mode="700")
+        if fleet_host.hf_token is None:  # load_fleet reads and checks it, unless told not to read secrets
+            raise RuntimeError(f"{fleet_host.name}: engine.hf_token_file was not read (check_secrets=False)")
+        token_file(name="Hugging Face token (0600)", dest=HF_TOKEN_FILE, token=fleet_host.hf_token)
+    else:
+        files.file(name="no Hugging Face token", path=HF_TOKEN_FILE, present=False)  # a removed setting
     files.directory(name="model cache", path=MODEL_CACHE_DIR, mode="755")
     for spec in specs:
         engine_container(name=f"engine {spec.instance} (GPUs {','.join(map(str, spec.gpus))})", spec=spec)

@@ -14,7 +14,12 @@ What every engine container gets, and why:
 - memlock and stack ulimits as NVIDIA recommends for NCCL;
 - its port published on 127.0.0.1 only: clients come through the gateway;
 - restart unless stopped, json-file logs rotated like Docker's own (docker.log_max_*), a health
-  check on the engine's /health, the model cache on the host (one download for all instances).
+  check on the engine's /health, the model cache on the host (one download for all instances);
+- with `engine.hf_token_file` set, the Hugging Face token as a read-only bind mount of the
+  host's 0600 copy (the role uploads it) and `HF_TOKEN_PATH` naming it; never its value, which
+  is in no argument, environment value, label or spec hash, so `docker inspect` and `ps` do not
+  show it. The mount itself is in the hash: adding or removing the token recreates the engines,
+  a new token value does not (see TOKEN_MOUNTS for where each engine reads it).
 """
 
 from __future__ import annotations
@@ -34,6 +39,17 @@ STACK_BYTES = 67108864  # 64 MiB, NVIDIA's recommended stack ulimit for CUDA/NCC
 # where each engine listens inside its container, and keeps downloaded weights
 CONTAINER_PORT = {"vllm": 8000, "tgi": 80, "sim": 8000}
 CACHE_MOUNT = {"vllm": "/root/.cache/huggingface", "tgi": "/data", "sim": "/root/.cache/huggingface"}
+
+# Where each engine reads the Hugging Face token file. huggingface_hub (vLLM's downloads, TGI's
+# Python `download-weights` step, the simulator's start-up line) reads the file HF_TOKEN_PATH
+# names (constants.HF_TOKEN_PATH, default $HF_HOME/token). TGI's Rust launcher and router use
+# the hf-hub crate (0.4), which ignores HF_TOKEN_PATH and reads only $HF_HOME/token: HF_HOME is
+# /data in TGI's images, so TGI gets the file there too (a mount inside the model cache's mount,
+# which leaves an empty mount-point file `token` in the host's cache folder, never the token).
+# The file is root's, mode 0600: vLLM's and TGI's images run as root; an image with a non-root
+# USER (the simulator's, uid 10001) sees it but cannot read it.
+HF_TOKEN_PATH = "/run/secrets/hf_token"
+TOKEN_MOUNTS = {"vllm": (HF_TOKEN_PATH,), "tgi": (HF_TOKEN_PATH, "/data/token"), "sim": (HF_TOKEN_PATH,)}
 
 
 @dataclass(frozen=True)
@@ -71,11 +87,13 @@ def _spec_hash(image: str, options: list[str], command: list[str]) -> str:
 
 
 def container_specs(config: Any, plan: Any, *, host_cpus: int | None = None, memlock: str = "-1",
-                    log_max_size: str = "100m", log_max_file: int = 3) -> list[ContainerSpec]:
+                    log_max_size: str = "100m", log_max_file: int = 3,
+                    hf_token: str | None = None) -> list[ContainerSpec]:
     """The engine containers of a GPU host (`config`: HostVars, `plan`: HostPlan).
 
     `host_cpus` is needed for `limits.cpuset: auto`. `memlock` is the memlock ulimit ("-1":
-    unlimited), lowered only where the Docker daemon cannot grant more.
+    unlimited), lowered only where the Docker daemon cannot grant more. `hf_token` is the path
+    of the Hugging Face token file on the host (None: no token), mounted read-only.
     """
     kind = config.engine.kind
     limits = config.limits
@@ -108,6 +126,10 @@ def container_specs(config: Any, plan: Any, *, host_cpus: int | None = None, mem
         elif limits.cpus is not None:
             options += ["--cpus", f"{limits.cpus:g}"]
         options += ["--ipc", "host"] if limits.ipc_host else ["--shm-size", limits.shm_size]
+        if hf_token is not None:
+            for mount in TOKEN_MOUNTS[kind]:
+                options += ["--volume", f"{hf_token}:{mount}:ro"]
+            options += ["--env", f"HF_TOKEN_PATH={HF_TOKEN_PATH}"]
         if kind == "sim":
             options += ["--env", f"CUDA_VISIBLE_DEVICES={devices}"]  # the image's own HEALTHCHECK probes it
         else:

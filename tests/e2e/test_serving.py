@@ -8,7 +8,9 @@ changed limit that recreates the containers it affects.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import subprocess
 import sys
 import uuid
@@ -24,6 +26,7 @@ from gpufleet.testbed.cgroups import container_limits_script
 from tests.e2e.test_gpu_provisioning import changed_operations, grand_total, make_inventory
 
 PYINFRA = str(Path(sys.executable).parent / "pyinfra")
+HF_TOKEN = "/etc/gpufleet/secrets/hf_token"
 
 
 def deploy(inventory: Path, name: str) -> str:
@@ -101,3 +104,57 @@ def test_a_second_run_changes_nothing_and_a_changed_limit_recreates(served) -> N
     after = engines(host)
     assert all(after[name]["Id"] != before[name] for name in before)  # both instances carry the limit
     assert all(info["HostConfig"]["Memory"] == 1024**3 for info in after.values())
+
+
+def test_the_hf_token_reaches_the_engines_as_a_file_and_shows_nowhere(served) -> None:
+    """engine.hf_token_file: uploaded 0600 root, mounted read-only, named by HF_TOKEN_PATH; the
+    token is in no `docker inspect`, process list, engine log or pyinfra output (--diff included),
+    and a new token is uploaded without recreating the engines."""
+    inventory, host = served
+    secret = inventory.parent / "secrets" / "hf_token"
+    secret.parent.mkdir(exist_ok=True)
+    token = "hf_" + secrets.token_urlsafe(27)
+    secret.write_text(token + "\n")
+    secret.chmod(0o600)
+    set_host_vars(inventory, host, "layout: {instances: 2, tensor_parallel_size: 2}\n"
+                  "engine: {hf_token_file: secrets/hf_token}\n")
+    output = deploy(inventory, "serving.py")
+    assert token not in output
+    found = engines(host)
+    assert sorted(found) == ["gpufleet-engine-0", "gpufleet-engine-1"]
+    for name, info in found.items():
+        assert token not in json.dumps(info)
+        assert "HF_TOKEN_PATH=/run/secrets/hf_token" in info["Config"]["Env"]
+        assert {(m["Source"], m["Destination"], m["RW"]) for m in info["Mounts"]} >= {
+            (HF_TOKEN, "/run/secrets/hf_token", False)}
+        logs = host.exec("docker", "logs", name)
+        log = logs.stdout + logs.stderr
+        assert token not in log
+        # the simulator runs as uid 10001, so a root-only file is there but closed to it
+        closed = "HF_TOKEN_PATH /run/secrets/hf_token: present but unreadable by uid 10001 (mode 0600, owner uid 0)"
+        assert closed in log
+    assert token not in host.exec("ps", "auxww").stdout
+    assert host.exec("stat", "-c", "%a %U", HF_TOKEN, "/etc/gpufleet/secrets").stdout.split() == [
+        "600", "root", "700", "root"]
+    # vLLM's and TGI's images run as root: through the same mount, root reads the whole token
+    image = found["gpufleet-engine-0"]["Config"]["Image"]
+    probe = host.exec("docker", "run", "--rm", "--network", "none", "--user", "0",
+                      "--volume", f"{HF_TOKEN}:/run/secrets/hf_token:ro",
+                      "--env", "HF_TOKEN_PATH=/run/secrets/hf_token", "--entrypoint", "python3", image, "-c",
+                      "import os; from gpufleet.sim.server import hf_token_status; print(hf_token_status(os.environ))")
+    assert probe.stdout.strip() == f"HF_TOKEN_PATH /run/secrets/hf_token: readable, a token of {len(token)} characters"
+
+    # a new token: --dry --diff does not show it; the run uploads it and leaves the engines be
+    new = "hf_" + secrets.token_urlsafe(27)
+    secret.write_text(new + "\n")
+    dry = subprocess.run([PYINFRA, "--dry", "--diff", str(inventory), "deploy/serving.py"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert dry.returncode == 0, (dry.stdout + dry.stderr)[-6000:]
+    assert new not in dry.stdout + dry.stderr and token not in dry.stdout + dry.stderr
+    before = {name: info["Id"] for name, info in found.items()}
+    output = deploy(inventory, "serving.py")
+    assert new not in output and token not in output
+    assert any("Hugging Face token" in row for row in changed_operations(output))
+    assert {name: info["Id"] for name, info in engines(host).items()} == before
+    digest = host.exec("sha256sum", HF_TOKEN).stdout.split()[0]
+    assert digest == hashlib.sha256((new + "\n").encode()).hexdigest()

@@ -8,6 +8,7 @@ changing commands change it, since pyinfra 3 reads facts again when it executes 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,6 +37,7 @@ CHECK_HOST = "nvidia driver | nvidia-smi sees the inventory's GPUs"
 CHECK_CONTAINERS = "nvidia container toolkit | containers see the GPUs"
 DRIVER_580_OPEN = ("libnvidia-compute-580 nvidia-compute-utils-580 nvidia-dkms-580-open nvidia-driver-580-open "
                    "nvidia-kernel-source-580-open nvidia-open-580 nvidia-utils-580")
+HF_TOKEN = "/etc/gpufleet/secrets/hf_token"
 TOOLKIT = "nvidia-container-toolkit nvidia-container-toolkit-base libnvidia-container-tools libnvidia-container1"
 
 
@@ -501,3 +503,41 @@ def test_a_run_stopped_by_a_failed_list_refresh_recovers_on_the_next_run(
     assert "apt-get update" in second.changes
     assert second.changes.index("apt-get update") < second.changes.index(install)
     assert_layered_checks_passed(second)
+
+
+# the inference role ------------------------------------------------------------------------------
+
+ENGINE = "http://127.0.0.1:8000"  # gpu-01's engine (inventories/example)
+
+
+def test_the_hf_token_is_uploaded_0600_root_before_the_engines_and_never_shown(gpu01: FleetHost) -> None:
+    token = "hf_" + "Tk" * 17
+    config = dataclasses.replace(with_config(gpu01, engine={"hf_token_file": "secrets/hf_token"}), hf_token=token)
+    sim = factsets.converged(config, UBUNTU_2204)
+    sim.images.add(config.config.engine.image)
+    sim.responses.update({  # the engine answers once created (fakehost does not run containers)
+        f"{ENGINE}/health": "200 true", f"{ENGINE}/v1/completions": "200"})
+    run = run_one(config, sim, roles=["inference"])
+    assert not run.failed, run.failure
+    upload = run.op("inference | Hugging Face token (0600)")
+    assert upload.did_change and upload.success
+    assert run.uploads == {HF_TOKEN: token + "\n"}
+    assert (sim.files[HF_TOKEN].mode, sim.files[HF_TOKEN].user) == ("600", "root")
+    assert sim.dirs["/etc/gpufleet/secrets"] == "700"
+    create = next(c for c in run.changes if c.startswith("docker create"))
+    assert run.changes.index(f"upload {HF_TOKEN}") < run.changes.index(create)
+    assert f"{HF_TOKEN}:/run/secrets/hf_token:ro" in create and "HF_TOKEN_PATH=/run/secrets/hf_token" in create
+    assert not any(token in record.command or token in " ".join(record.output) for record in run.records)
+    assert token not in run.failure
+    again = run_one(config, sim, roles=["inference"])
+    assert not again.op("inference | Hugging Face token (0600)").did_change
+
+
+def test_without_an_hf_token_a_stale_one_is_removed(gpu01: FleetHost) -> None:
+    sim = factsets.converged(gpu01, UBUNTU_2204)
+    sim.images.add(gpu01.config.engine.image)
+    sim.files[HF_TOKEN] = SimFile("hf_old\n", mode="600")
+    sim.responses.update({f"{ENGINE}/health": "200 true", f"{ENGINE}/v1/completions": "200"})
+    run = run_one(gpu01, sim, roles=["inference"])
+    assert f"rm -f {HF_TOKEN}" in run.changes and HF_TOKEN not in sim.files
+    assert not any("HF_TOKEN_PATH" in change for change in run.changes)
