@@ -32,16 +32,46 @@ command -v git >/dev/null 2>&1 || need_apt+=(git)
 command -v gpg >/dev/null 2>&1 || need_apt+=(gnupg)
 command -v gpgv >/dev/null 2>&1 || need_apt+=(gpgv)
 command -v busybox >/dev/null 2>&1 || need_apt+=(busybox)
+# nginx: the gateway's integration tests run a real one on loopback from a temporary prefix.
+# It lives in /usr/sbin, which a non-root PATH may lack, so look there too.
+need_nginx=0
+if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
+    need_nginx=1
+fi
 
-if ((${#need_apt[@]})); then
+if ((${#need_apt[@]} || need_nginx)); then
     if [[ $(id -u) -ne 0 ]]; then
-        echo "bootstrap: missing ${need_apt[*]}; run as root or install them: apt-get install -y ${need_apt[*]}" >&2
+        missing="${need_apt[*]}"
+        ((need_nginx)) && missing="${missing:+$missing }nginx-light (or nginx)"
+        echo "bootstrap: missing $missing; run as root or install them with apt-get install -y" >&2
         exit 1
     fi
-    echo "bootstrap: apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    if ((${#need_apt[@]})); then
+        echo "bootstrap: apt-get install ${need_apt[*]}"
+        apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    fi
+    if ((need_nginx)); then
+        # nginx-light where the release has it (Debian 12, Ubuntu 22.04), else nginx
+        nginx_package=nginx
+        apt-cache show nginx-light >/dev/null 2>&1 && nginx_package=nginx-light
+        echo "bootstrap: apt-get install $nginx_package (its service is not started)"
+        # Installed without starting the packaged service (it would take port 80 and is not what
+        # the tests run): a policy-rc.d that refuses every start, only if none exists, removed
+        # afterwards even when the install fails.
+        policy=/usr/sbin/policy-rc.d
+        if [[ ! -e $policy ]]; then
+            trap 'rm -f "$policy"' EXIT
+            printf '#!/bin/sh\n# bootstrap.sh: no service starts while nginx installs\nexit 101\n' >"$policy"
+            chmod 755 "$policy"
+            apt-get install -y -qq --no-install-recommends "$nginx_package" >/dev/null
+            rm -f "$policy"
+            trap - EXIT
+        else
+            apt-get install -y -qq --no-install-recommends "$nginx_package" >/dev/null
+        fi
+    fi
 fi
 
 if [[ ! -x "$VENV/bin/python" ]]; then
