@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv test test-unit test-integration test-e2e images lint plan validate docs testbed-up testbed-down provision serve demo demo-down bench clean
+.PHONY: help setup venv test test-unit test-integration test-e2e images lint plan validate docs testbed-up testbed-down provision serve rollout demo demo-down bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,8 +53,12 @@ testbed-down: setup ## remove the test bed hosts of inventories/local
 provision: setup ## converge the test bed hosts with deploy/gpu.py (driver, CUDA, Docker, container toolkit)
 	$(BIN)/pyinfra -y inventories/local/inventory.py deploy/gpu.py
 
-serve: setup ## start the engine containers (the simulator) on the provisioned test bed hosts with deploy/serving.py
+serve: setup ## start the engines (the simulator) and their nginx gateway on the provisioned test bed hosts
 	$(BIN)/pyinfra -y inventories/local/inventory.py deploy/serving.py
+	$(BIN)/pyinfra -y inventories/local/inventory.py deploy/gateway.py
+
+rollout: setup ## rolling update of the test bed's engines to the inventory's current spec (deploy/rollout.py)
+	$(BIN)/pyinfra -y inventories/local/inventory.py deploy/rollout.py
 
 bench: setup ## run the benchmarks in benchmarks/ and print their figures (about 10 minutes)
 	$(BIN)/python benchmarks/bench_inventory.py

@@ -12,3 +12,4 @@ from roles import host_manifest
 host_manifest.apply()
 local.include("deploy/gpu.py")  # GPU hosts: driver, CUDA, Docker, container toolkit
 local.include("deploy/serving.py")  # GPU hosts: the engine containers
+local.include("deploy/gateway.py")  # gateway hosts: nginx with API keys and limits

@@ -8,13 +8,14 @@ problem, before any host is contacted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gpufleet.apikeys import ApiKey, read_api_keys
 from gpufleet.errors import ConfigError, Problem
 from gpufleet.inventory import Inventory, InventoryHost, Origin, load_inventory
 from gpufleet.paths import ROLES_DIR, display_path
+from gpufleet.planner.gateway import GatewayPlan, api_key_problems, plan_gateways
 from gpufleet.planner.host import HostPlan, HostRefusal, plan_host
 from gpufleet.schema.host import REQUIRED_BY_GROUP, ROLE_GROUPS, HostVars
 from gpufleet.schema.validate import validate_host
@@ -28,6 +29,8 @@ class FleetHost:
     config: HostVars
     plan: HostPlan | None  # GPU hosts only
     source: InventoryHost
+    gateway: GatewayPlan | None = None  # gateway hosts only
+    api_keys: tuple[ApiKey, ...] = field(default=(), repr=False)  # gateway hosts only (when secrets are read)
     hf_token: str | None = field(default=None, repr=False)  # engine.hf_token_file's token (when secrets are read)
 
     def in_group(self, group: str) -> bool:
@@ -74,13 +77,18 @@ def load_fleet(path: Path, check_secrets: bool = True, roles_dir: Path = ROLES_D
             hosts.append(host)
     problems.extend(_unset_problems(unset))
     problems.extend(_cross_host_problems(hosts))
-    keys: list[ApiKey] = []
+    if not problems:
+        gateways, found = plan_gateways(hosts)
+        problems.extend(found)
+        hosts = [replace(h, gateway=gateways[h.name]) if h.name in gateways else h for h in hosts]
+    keys: dict[Path, list[ApiKey]] = {}
     if check_secrets and not problems:
         keys = _read_keys(inventory, hosts, problems)
         hosts = with_hf_tokens(inventory.root, hosts, problems)
+        hosts = [replace(h, api_keys=tuple(keys[_keys_path(inventory, h)])) if h.gateway else h for h in hosts]
     if problems:
         raise ConfigError(problems)
-    return Fleet(inventory=inventory, hosts=tuple(hosts), api_keys=tuple(keys))
+    return Fleet(inventory=inventory, hosts=tuple(hosts), api_keys=tuple(k for found in keys.values() for k in found))
 
 
 # (role group, section, where it was set to null or None when never set) -> hosts lacking it
@@ -184,16 +192,20 @@ def _cross_host_problems(hosts: list[FleetHost]) -> list[Problem]:
     return problems
 
 
-def _read_keys(inventory: Inventory, hosts: list[FleetHost], problems: list[Problem]) -> list[ApiKey]:
-    keys: list[ApiKey] = []
-    read: set[Path] = set()
+def _keys_path(inventory: Inventory, host: FleetHost) -> Path:
+    return (inventory.root / host.config.gateway.api_keys_file).resolve()
+
+
+def _read_keys(inventory: Inventory, hosts: list[FleetHost], problems: list[Problem]) -> dict[Path, list[ApiKey]]:
+    """Each gateway keys file's keys (read once however many hosts share it)."""
+    keys: dict[Path, list[ApiKey]] = {}
     for host in hosts:
         if not host.in_group("gateway") or host.config.gateway is None:
             continue
-        path = (inventory.root / host.config.gateway.api_keys_file).resolve()
-        if path in read:
+        path = _keys_path(inventory, host)
+        if path in keys:
             continue
-        read.add(path)
+        keys[path] = []
         if not path.is_file():
             origin = host.source.origin_of(("gateway", "api_keys_file")) or host.source.defined_at
             what = "is not a file" if path.exists() else "does not exist"
@@ -206,7 +218,9 @@ def _read_keys(inventory: Inventory, hosts: list[FleetHost], problems: list[Prob
             )
             continue
         try:
-            keys.extend(read_api_keys(path))
+            found = read_api_keys(path)
+            problems.extend(api_key_problems(found, display_path(path)))
+            keys[path] = found
         except ConfigError as exc:
             problems.extend(exc.problems)
     return keys

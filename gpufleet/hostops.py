@@ -11,6 +11,7 @@ the others.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shlex
@@ -20,7 +21,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from pyinfra import host
-from pyinfra.api import FunctionCommand, operation
+from pyinfra.api import FileUploadCommand, FunctionCommand, operation
+from pyinfra.facts.files import File, Sha256File
 from pyinfra.facts.server import Command
 from pyinfra.operations import files
 
@@ -175,6 +177,25 @@ def json_merged(path: str, settings: dict[str, Any], mode: str = "644") -> Itera
         return
     text = json.dumps(merged, indent=4) + "\n"
     yield from files.put._inner(src=StringIO(text), dest=path, mode=mode)
+
+
+@operation()
+def secret_file(dest: str, content: str, mode: str = "600", user: str = "root", group: str = "root") -> Iterator[Any]:
+    """A file holding a secret: uploaded when its checksum differs, owner-only, never printed.
+
+    files.put shows the file's lines under `--diff` (a changed file's old lines too); a key or
+    token must not reach the terminal or a CI log, so this compares SHA-256 checksums only and
+    uploads from memory. Keep its folder 0700: the upload lands with the default mode first.
+    """
+    wanted = hashlib.sha256(content.encode()).hexdigest()
+    current = host.get_fact(Sha256File, path=dest)
+    if current != wanted:
+        yield FileUploadCommand(StringIO(content), dest, remote_temp_filename=host.get_temp_filename(dest))
+    attributes = host.get_fact(File, path=dest) if current == wanted else None
+    if attributes is None or (attributes.get("mode"), attributes.get("user"), attributes.get("group")) != (
+        int(mode), user, group
+    ):
+        yield f"chown {user}:{group} {shlex.quote(dest)} && chmod {mode} {shlex.quote(dest)}"
 
 
 # Docker ------------------------------------------------------------------------------------------

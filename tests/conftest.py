@@ -47,6 +47,8 @@ BASE_FILES: dict[str, str] = {
         layout:
           instances: 1
           tensor_parallel_size: 4
+        engine:
+          listen_address: 0.0.0.0  # gw-01 reaches each host at its ansible_host
     """,
     "group_vars/gateway.yml": """
         gateway:

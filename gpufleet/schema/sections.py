@@ -7,6 +7,7 @@ docs/configuration.md is generated from it, so the words stay in one place.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Literal
 
@@ -75,6 +76,10 @@ class Engine(Section):
         description="the container image, pinned by a version tag or an @sha256 digest, e.g. vllm/vllm-openai:v0.11.0"
     )
     port: Port = Field(description="loopback port of the first instance; instance i listens on port + i")
+    listen_address: str = Field(
+        description="host address the engines' ports are published on: 127.0.0.1 (only a gateway on the same "
+        "host reaches them), or the host's private address when the gateway runs on other hosts",
+    )
     extra_args: list[str] = Field(default_factory=list, description="extra engine command-line arguments")
     image_archive: str | None = Field(
         default=None,
@@ -102,6 +107,16 @@ class Engine(Section):
         if "@sha256:" not in image and tag is None:
             raise Invalid(f"{image!r} is not pinned: an image without a tag means 'latest', which moves", pin)
         return image
+
+    @field_validator("listen_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise Invalid(f"{value!r} is not an IP address", "write 127.0.0.1, or the host's private address "
+                          "(Docker publishes ports on an address, not a name)") from None
+        return value
 
 
 class RopeScaling(Section):
@@ -267,6 +282,15 @@ class Gateway(Section):
     )
     max_body_size: Size = Field(description="largest request body, e.g. '4m'")
     read_timeout_s: int = Field(ge=1, description="seconds a stream may stay silent before nginx gives up")
+    backends: Literal["fleet", "local"] = Field(
+        description="fleet: every GPU host's instances (their engine.listen_address must be reachable); "
+        "local: only the instances of the gateway's own host, on loopback (a gateway on every GPU host)",
+    )
+    status_port: Port = Field(description="loopback port of nginx's stub_status, for the exporter")
+    max_fails: int = Field(
+        ge=1, description="failed requests (refused, reset, 502/503) that take an instance out of rotation"
+    )
+    fail_timeout_s: int = Field(ge=1, description="seconds an instance stays out of rotation after failing")
 
     @field_validator("max_body_size")
     @classmethod

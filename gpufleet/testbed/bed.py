@@ -16,15 +16,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
+from gpufleet.apikeys import add_api_key
 from gpufleet.errors import ConfigError
-from gpufleet.fleet import Fleet, load_fleet
+from gpufleet.fleet import Fleet, FleetHost, load_fleet
 from gpufleet.paths import REPO_ROOT
+from gpufleet.schema.units import parse_listen
 from gpufleet.testbed import hosts as testbed
 from gpufleet.testbed import images
 from gpufleet.testbed.images import ImageError, cache_dir, log, run_command
 from gpufleet.testbed.standin import StandinError, build_mirror
 
 DEFAULT_INVENTORY = REPO_ROOT / "inventories" / "local"
+
+
 def _mirror_path(url: str | None, what: str) -> Path:
     """Where in the mirror a file the inventory names by URL (http://127.0.0.1:8765/<path>) goes."""
     path = urlparse(url or "").path.lstrip("/")
@@ -54,6 +58,33 @@ def prepare_mirror(out: Path, *, sim_image: bool = False, inventory: Path = DEFA
     return out
 
 
+def gateway_ports(fleet: Fleet) -> dict[str, list[int]]:
+    """Test bed host name -> the gateway port to publish on this machine's loopback (gateway hosts)."""
+    ports: dict[str, list[int]] = {}
+    for fleet_host in fleet.hosts:
+        if fleet_host.config.ansible_connection == "docker" and fleet_host.config.gateway is not None:
+            ports[_host_name(fleet_host)] = [parse_listen(fleet_host.config.gateway.listen)[1]]
+    return ports
+
+
+def ensure_api_keys(fleet: Fleet, client: str = "testbed") -> list[Path]:
+    """A keys file with one key for each gateway keys file the inventory names but lacks (0600)."""
+    made = []
+    for fleet_host in fleet.hosts:
+        if fleet_host.config.gateway is None:
+            continue
+        path = fleet.root / fleet_host.config.gateway.api_keys_file
+        if not path.exists():
+            add_api_key(path, client)
+            made.append(path)
+    return made
+
+
+def _host_name(fleet_host: FleetHost) -> str:
+    container = fleet_host.config.ansible_host or fleet_host.name
+    return container.removeprefix(testbed.container_name(""))
+
+
 def host_containers(fleet: Fleet) -> dict[str, int]:
     """Test bed host name -> simulated GPUs, for the inventory's docker-connected hosts."""
     found: dict[str, int] = {}
@@ -61,19 +92,22 @@ def host_containers(fleet: Fleet) -> dict[str, int]:
         config = fleet_host.config
         if config.ansible_connection != "docker":
             continue
-        container = config.ansible_host or fleet_host.name
-        name = container.removeprefix(testbed.container_name(""))
-        found[name] = config.gpus.count if config.gpus else 0
+        found[_host_name(fleet_host)] = config.gpus.count if config.gpus else 0
     return found
 
 
 def up(inventory: Path) -> list[testbed.TestbedHost]:
     fleet = load_fleet(inventory, check_secrets=False)
     wanted = host_containers(fleet)
-    mirror = prepare_mirror(cache_dir() / "mirror", sim_image=True)
-    started = testbed.start_hosts(list(wanted), mirror_dir=mirror, gpus=wanted)
+    for path in ensure_api_keys(fleet):
+        log(f"created {path} with a key for client 'testbed' (gpufleet keys add to add more)")
+    mirror = prepare_mirror(cache_dir() / "mirror", sim_image=True, inventory=inventory)
+    started = testbed.start_hosts(list(wanted), mirror_dir=mirror, gpus=wanted, publish=gateway_ports(fleet))
+    for host in started:
+        for port in gateway_ports(fleet).get(host.name, []):
+            log(f"{host.name}: gateway port {port} is http://127.0.0.1:{host.published(port)}")
     log(f"test bed up: {', '.join(h.container for h in started)}; "
-        f"now: pyinfra -y {inventory}/inventory.py deploy/gpu.py")
+        f"now: pyinfra -y {inventory}/inventory.py deploy/site.py")
     return started
 
 

@@ -100,6 +100,15 @@ class TestbedHost:
         """How pyinfra reaches it: its @docker connector works in place on a running container."""
         return f"@docker/{self.container}"
 
+    def published(self, port: int) -> int:
+        """The 127.0.0.1 port of this machine that reaches the host's `port` (see start_hosts' `publish`)."""
+        out = _docker("port", self.container, f"{port}/tcp", what=f"{self.name}: docker port {port}").stdout
+        for line in out.splitlines():
+            address, _, mapped = line.strip().rpartition(":")
+            if address == "127.0.0.1" and mapped.isdigit():
+                return int(mapped)
+        raise HostError(f"{self.name}: port {port} is not published on 127.0.0.1 (docker port said {out!r})")
+
     def exec(
         self, *cmd: str, check: bool = True, timeout: float = EXEC_TIMEOUT_S, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
@@ -213,7 +222,7 @@ def _prepare_host_dir(name: str, gpus: Sequence[pci.SimulatedGpu]) -> Path:
 # --- starting one host -----------------------------------------------------------------------
 
 
-def _run_options(name: str, folder: Path, mirror_dir: Path | None) -> list[str]:
+def _run_options(name: str, folder: Path, mirror_dir: Path | None, publish: Sequence[int] = ()) -> list[str]:
     """`docker create` options: what systemd, a nested Docker and the simulated GPUs need, no more.
 
     Not --privileged: CAP_SYS_ADMIN (mounts: systemd's, cgroups, overlayfs for the nested Docker)
@@ -239,6 +248,8 @@ def _run_options(name: str, folder: Path, mirror_dir: Path | None) -> list[str]:
         options += ["--tmpfs", "/sys/fs/cgroup:rw,nosuid,nodev,noexec,mode=755"]
     if mirror_dir is not None:
         options += ["--volume", f"{mirror_dir}:{MIRROR_MOUNT}:ro"]
+    for port in publish:  # e.g. the gateway's port, on a free port of this machine's loopback only
+        options += ["--publish", f"127.0.0.1::{port}"]
     return options
 
 
@@ -272,13 +283,15 @@ def _copy_into(container: str, tar: bytes) -> None:
         raise HostError(f"docker cp into {container} failed: {proc.stderr.decode(errors='replace').strip()}")
 
 
-def _start_host(name: str, image: str, gpus: Sequence[pci.SimulatedGpu], mirror_dir: Path | None) -> TestbedHost:
+def _start_host(
+    name: str, image: str, gpus: Sequence[pci.SimulatedGpu], mirror_dir: Path | None, publish: Sequence[int] = ()
+) -> TestbedHost:
     """Create, seed and start one host, and wait until its systemd is up."""
     container = container_name(name)
     folder = _prepare_host_dir(name, gpus)
     labels = ["--label", f"{TESTBED_LABEL}=1", "--label", f"{HOST_LABEL}={name}"]
     _docker("volume", "create", *labels, _volume_name(name), what=f"{name}: docker volume create")
-    _docker("create", *_run_options(name, folder, mirror_dir), image, what=f"{name}: docker create")
+    _docker("create", *_run_options(name, folder, mirror_dir, publish), image, what=f"{name}: docker create")
     _copy_into(container, _seed_files(gpus, mirror_dir))
     _docker("start", container, what=f"{name}: docker start")
     host = TestbedHost(name=name, container=container, gpus=len(gpus))
@@ -352,12 +365,15 @@ def start_hosts(
     gpu_name: str = DEFAULT_GPU_NAME,
     memory_mib: int = DEFAULT_MEMORY_MIB,
     pci_device: int | None = None,
+    publish: Mapping[str, Sequence[int]] | None = None,
 ) -> list[TestbedHost]:
     """Start one host per name, in parallel, each booted to systemd "running"; in the order given.
 
     `gpus` is every host's GPU count, or a count per name (0 makes a host without GPUs, e.g. a
     gateway). `pci_device` overrides the PCI device ID pci.KNOWN_GPUS has for `gpu_name`.
     `mirror_dir` (the stand-in package mirror) is mounted read-only; None starts hosts without it.
+    `publish` lists, per name, ports of the host published on free ports of 127.0.0.1 (see
+    `TestbedHost.published`).
     On any failure every host of this call is removed before HostError is raised.
     """
     names = list(names)
@@ -383,7 +399,10 @@ def start_hosts(
     started = time.monotonic()
     workers = ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="testbed-host")
     try:
-        futures = {name: workers.submit(_start_host, name, image, specs[name], mirror_dir) for name in names}
+        futures = {
+            name: workers.submit(_start_host, name, image, specs[name], mirror_dir, (publish or {}).get(name, ()))
+            for name in names
+        }
         workers.shutdown(wait=True)
     except BaseException:  # Ctrl-C while waiting: let running starts finish (nothing appears after the cleanup)
         workers.shutdown(wait=True, cancel_futures=True)
@@ -428,13 +447,15 @@ def testbed_hosts(
     gpu_name: str = DEFAULT_GPU_NAME,
     memory_mib: int = DEFAULT_MEMORY_MIB,
     pci_device: int | None = None,
+    publish: Mapping[str, Sequence[int]] | None = None,
 ) -> Iterator[list[TestbedHost]]:
     """start_hosts() for a `with` block: the hosts are removed when it ends, however it ends.
 
     A failed start removes its own hosts, and only those: names another run holds stay untouched.
     """
     started = start_hosts(
-        names, mirror_dir=mirror_dir, gpus=gpus, gpu_name=gpu_name, memory_mib=memory_mib, pci_device=pci_device
+        names, mirror_dir=mirror_dir, gpus=gpus, gpu_name=gpu_name, memory_mib=memory_mib, pci_device=pci_device,
+        publish=publish,
     )
     try:
         yield started

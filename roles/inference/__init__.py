@@ -16,22 +16,19 @@ uses the new one from its next start (docs/serving.md, "Changing the token").
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import time
 from collections.abc import Iterator
-from io import StringIO
 from typing import Any
 
 import gevent
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, deploy, operation
-from pyinfra.facts.files import File, Sha256File
+from pyinfra.api import deploy, operation
 from pyinfra.facts.server import Command
 from pyinfra.operations import files
 
-from gpufleet.hostops import executing, fail_host, image_present
+from gpufleet.hostops import executing, fail_host, image_present, secret_file
 from roles.inference.spec import CONTAINER_PREFIX, ROLE_LABEL, SPEC_HASH_LABEL, ContainerSpec, container_specs
 
 MODEL_CACHE_DIR = "/var/lib/gpufleet/model-cache"
@@ -41,10 +38,11 @@ HEALTHY_TIMEOUT_S = 1800  # a real engine downloads and loads the model first
 POLL_S = 2.0
 
 
-def _container_state(name: str) -> tuple[str, bool] | None:
-    """(spec hash label, running) of a container, None when there is none."""
+def container_state(name: str, on: Any = None) -> tuple[str, bool] | None:
+    """(spec hash label, running) of a container on host `on` (this one by default), None when there is none."""
     fmt = f'{{{{index .Config.Labels "{SPEC_HASH_LABEL}"}}}} {{{{.State.Running}}}}'
-    out = host.get_fact(Command, command=f"docker inspect --format '{fmt}' {name} 2>/dev/null || true")
+    inspect = f"docker inspect --format '{fmt}' {name} 2>/dev/null || true"
+    out = (host if on is None else on).get_fact(Command, command=inspect)
     if not out:
         return None
     label, _, running = out.strip().rpartition(" ")
@@ -52,9 +50,15 @@ def _container_state(name: str) -> tuple[str, bool] | None:
 
 
 @operation()
-def engine_container(spec: ContainerSpec) -> Iterator[str]:
-    """Create the container when missing or of another spec; start it when stopped."""
-    state = _container_state(spec.name)
+def engine_container(instance: int) -> Iterator[str]:
+    """Create the instance's container when missing or of another spec; start it when stopped.
+
+    The spec is computed here, when the operation runs, not when the deploy is prepared: on a
+    host this run is installing Docker on, dockerd's memlock limit (part of the spec) only
+    exists by then.
+    """
+    spec = host_specs(host)[instance]
+    state = container_state(spec.name)
     if state is not None and state[0] == spec.spec_hash:
         if not state[1]:
             yield f"docker start {spec.name}"
@@ -63,22 +67,6 @@ def engine_container(spec: ContainerSpec) -> Iterator[str]:
         yield f"docker rm -f {spec.name}"
     yield " ".join(shlex.quote(arg) for arg in spec.create_args())
     yield f"docker start {spec.name}"
-
-
-@operation()
-def token_file(dest: str, token: str) -> Iterator[Any]:
-    """`dest` holds the token on one line, root's, mode 0600; nothing of it is ever printed.
-
-    files.put prints a changed file's lines under `--diff` (the old ones too, read with `cat`);
-    this compares SHA-256 checksums only, and uploads from memory (no local copy to leak).
-    """
-    content = token + "\n"
-    same = host.get_fact(Sha256File, path=dest) == hashlib.sha256(content.encode()).hexdigest()
-    if not same:
-        yield FileUploadCommand(StringIO(content), dest, remote_temp_filename=host.get_temp_filename(dest))
-    info = host.get_fact(File, path=dest) if same else None
-    if info is None or (info.get("mode"), info.get("user"), info.get("group")) != (600, "root", "root"):
-        yield f"chown root:root {shlex.quote(dest)} && chmod 600 {shlex.quote(dest)}"
 
 
 @operation()
@@ -93,7 +81,7 @@ def stale_engines_removed(keep: list[str]) -> Iterator[str]:
         yield f"docker rm -f {' '.join(stale)}"
 
 
-def _wait_healthy(spec: ContainerSpec, timeout: float) -> str | None:
+def wait_healthy(spec: ContainerSpec, timeout: float) -> str | None:
     """None once the engine's /health answers 200 on its published port; else why not.
 
     The port is what clients (the gateway) use, so that is what is waited for; Docker's own
@@ -104,7 +92,7 @@ def _wait_healthy(spec: ContainerSpec, timeout: float) -> str | None:
     while time.monotonic() < deadline:
         status = host.get_fact(
             Command,
-            command=f"curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{spec.host_port}/health 2>/dev/null; "
+            command=f"curl -s -o /dev/null -w '%{{http_code}}' {spec.url}/health 2>/dev/null; "
             f"echo \" $(docker inspect --format '{{{{.State.Running}}}}' {spec.name} 2>/dev/null)\"",
         ) or ""
         code, _, running = status.strip().partition(" ")
@@ -117,35 +105,35 @@ def _wait_healthy(spec: ContainerSpec, timeout: float) -> str | None:
     return f"{spec.name} did not become healthy (/health, running: {status or 'no answer'}); last log lines:\n{logs}"
 
 
-def _smoke_completion(spec: ContainerSpec, served_name: str) -> str | None:
-    """None when the engine answers one completion on its loopback port; else why not."""
+def smoke_completion(spec: ContainerSpec, served_name: str) -> str | None:
+    """None when the engine answers one completion on its published port; else why not."""
     body = json.dumps({"model": served_name, "prompt": "ping", "max_tokens": 1})
     out = host.get_fact(
         Command,
         command=(
             f"curl -sS -o /dev/null -w '%{{http_code}}' -H 'Content-Type: application/json' "
-            f"-d {shlex.quote(body)} http://127.0.0.1:{spec.host_port}/v1/completions 2>&1 || true"
+            f"-d {shlex.quote(body)} {spec.url}/v1/completions 2>&1 || true"
         ),
     )
     return None if out == "200" else f"{spec.name}: a smoke completion got {out or 'no answer'}"
 
 
 @operation()
-def engines_serving(specs: list[ContainerSpec], served_name: str, timeout: float = HEALTHY_TIMEOUT_S) -> Iterator[Any]:
+def engines_serving(served_name: str, timeout: float = HEALTHY_TIMEOUT_S) -> Iterator[Any]:
     """Each engine healthy and answering one completion (checked when the run executes)."""
     if not executing():
         return
-    for spec in specs:
-        problem = _wait_healthy(spec, timeout) or _smoke_completion(spec, served_name)
+    for spec in host_specs(host):
+        problem = wait_healthy(spec, timeout) or smoke_completion(spec, served_name)
         if problem:
             yield fail_host(problem + "\n  fix: see `docker logs` of the container on the host; the plan is in "
                             "/etc/gpufleet/host.json")
             return
 
 
-def _memlock_limit() -> str:
+def _memlock_limit(on: Any) -> str:
     """-1 (unlimited) unless dockerd itself runs with a lower hard memlock limit (then that)."""
-    out = host.get_fact(
+    out = on.get_fact(
         Command,
         command=(
             "awk '/Max locked memory/ {print $5}' /proc/$(pidof dockerd | cut -d' ' -f1)/limits 2>/dev/null || true"
@@ -154,9 +142,20 @@ def _memlock_limit() -> str:
     return "-1" if not out or out == "unlimited" or not out.isdigit() else out
 
 
-def _host_cpus() -> int | None:
-    out = host.get_fact(Command, command="nproc 2>/dev/null || true")
+def _host_cpus(on: Any) -> int | None:
+    out = on.get_fact(Command, command="nproc 2>/dev/null || true")
     return int(out) if out and out.isdigit() else None
+
+
+def host_specs(on: Any) -> list[ContainerSpec]:
+    """The engine containers pyinfra host `on` should run (its facts fill in CPUs and memlock)."""
+    fleet_host = on.data.gpufleet
+    config = fleet_host.config
+    return container_specs(
+        config, fleet_host.plan, host_cpus=_host_cpus(on), memlock=_memlock_limit(on),
+        log_max_size=config.docker.log_max_size, log_max_file=config.docker.log_max_file,
+        hf_token=HF_TOKEN_FILE if config.engine.hf_token_file is not None else None,
+    )
 
 
 @deploy("inference")
@@ -164,21 +163,17 @@ def apply() -> None:
     fleet_host = host.data.gpufleet
     config = fleet_host.config
     token = config.engine.hf_token_file
-    specs = container_specs(
-        config, fleet_host.plan, host_cpus=_host_cpus(), memlock=_memlock_limit(),
-        log_max_size=config.docker.log_max_size, log_max_file=config.docker.log_max_file,
-        hf_token=HF_TOKEN_FILE if token is not None else None,
-    )
+    specs = host_specs(host)  # names and GPUs; each operation computes its spec again when it runs
     image_present(name="engine image", image=config.engine.image, archive_url=config.engine.image_archive)
     if token is not None:
         files.directory(name="secrets folder", path=SECRETS_DIR, user="root", group="root", mode="700")
         if fleet_host.hf_token is None:  # load_fleet reads and checks it, unless told not to read secrets
             raise RuntimeError(f"{fleet_host.name}: engine.hf_token_file was not read (check_secrets=False)")
-        token_file(name="Hugging Face token (0600)", dest=HF_TOKEN_FILE, token=fleet_host.hf_token)
+        secret_file(name="Hugging Face token (0600)", dest=HF_TOKEN_FILE, content=fleet_host.hf_token + "\n")
     else:
         files.file(name="no Hugging Face token", path=HF_TOKEN_FILE, present=False)  # a removed setting
     files.directory(name="model cache", path=MODEL_CACHE_DIR, mode="755")
     for spec in specs:
-        engine_container(name=f"engine {spec.instance} (GPUs {','.join(map(str, spec.gpus))})", spec=spec)
+        engine_container(name=f"engine {spec.instance} (GPUs {','.join(map(str, spec.gpus))})", instance=spec.instance)
     stale_engines_removed(name="engines the layout no longer has", keep=[spec.name for spec in specs])
-    engines_serving(name="engines healthy and answering", specs=specs, served_name=fleet_host.plan.served_name)
+    engines_serving(name="engines healthy and answering", served_name=fleet_host.plan.served_name)

@@ -12,7 +12,8 @@ What every engine container gets, and why:
   as a limit or a cpuset (`auto`: the host's cores split evenly across instances), a pids
   limit, shared memory for tensor parallelism (or the host's IPC namespace);
 - memlock and stack ulimits as NVIDIA recommends for NCCL;
-- its port published on 127.0.0.1 only: clients come through the gateway;
+- its port published on engine.listen_address only (127.0.0.1 unless a gateway on other hosts
+  must reach it): clients come through the gateway;
 - restart unless stopped, json-file logs rotated like Docker's own (docker.log_max_*), a health
   check on the engine's /health, the model cache on the host (one download for all instances);
 - with `engine.hf_token_file` set, the Hugging Face token as a read-only bind mount of the
@@ -62,6 +63,12 @@ class ContainerSpec:
     gpus: tuple[int, ...]
     host_port: int
     spec_hash: str
+    address: str = "127.0.0.1"  # where the engine's port is reached on its host
+
+    @property
+    def url(self) -> str:
+        """The engine's base URL on its host (health checks, smoke completion, drain)."""
+        return f"http://{_publish_address(self.address)}:{self.host_port}"
 
     def create_args(self) -> list[str]:
         return ["docker", "create", "--name", self.name, *self.options, self.image, *self.command]
@@ -73,6 +80,15 @@ def cpusets(host_cpus: int, instances: int) -> list[str]:
         raise ValueError(f"{host_cpus} CPUs cannot be split across {instances} instances")
     share = host_cpus // instances
     return [f"{i * share}-{(i + 1) * share - 1}" if share > 1 else str(i * share) for i in range(instances)]
+
+
+def _publish_address(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _reach(listen_address: str) -> str:
+    """How the host itself reaches a port published on `listen_address` (all interfaces: loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen_address, listen_address)
 
 
 def _health_command(kind: str, port: int) -> str:
@@ -116,7 +132,7 @@ def container_specs(config: Any, plan: Any, *, host_cpus: int | None = None, mem
             "--memory", limits.memory, "--memory-swap", limits.memory,
             "--pids-limit", str(limits.pids),
             "--ulimit", f"memlock={memlock}", "--ulimit", f"stack={STACK_BYTES}",
-            "--publish", f"127.0.0.1:{instance.port}:{port_inside}",
+            "--publish", f"{_publish_address(config.engine.listen_address)}:{instance.port}:{port_inside}",
             "--log-driver", "json-file",
             "--log-opt", f"max-size={log_max_size}", "--log-opt", f"max-file={log_max_file}",
             "--volume", f"{MODEL_CACHE}:{CACHE_MOUNT[kind]}",
@@ -147,6 +163,6 @@ def container_specs(config: Any, plan: Any, *, host_cpus: int | None = None, mem
         specs.append(ContainerSpec(
             name=f"{CONTAINER_PREFIX}{instance.index}", image=config.engine.image,
             options=tuple(options + labels), command=tuple(command), instance=instance.index,
-            gpus=instance.gpus, host_port=instance.port, spec_hash=digest,
+            gpus=instance.gpus, host_port=instance.port, spec_hash=digest, address=_reach(config.engine.listen_address),
         ))
     return specs

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from gpufleet.fleet import load_fleet
 from gpufleet.paths import REPO_ROOT
 from gpufleet.testbed import hosts as testbed
-from gpufleet.testbed.bed import prepare_mirror
+from gpufleet.testbed.bed import ensure_api_keys, prepare_mirror
 
 PYINFRA = str(Path(sys.executable).parent / "pyinfra")
 LOCAL_INVENTORY = REPO_ROOT / "inventories" / "local"
@@ -36,12 +37,19 @@ TOOLKIT = "1.19.1-1"
 RUN_TIMEOUT_S = 1500
 
 
-def make_inventory(root: Path, names: list[str]) -> Path:
-    """inventories/local with these host names (test-unique, so parallel runs do not collide)."""
-    shutil.copytree(LOCAL_INVENTORY, root)
+def make_inventory(root: Path, names: list[str], gateway: bool = False) -> Path:
+    """inventories/local with these host names (test-unique, so parallel runs do not collide).
+
+    With `gateway`, the hosts are gateways too (as in inventories/local), with a fresh keys file.
+    """
+    shutil.copytree(LOCAL_INVENTORY, root, ignore=shutil.ignore_patterns("secrets"))
     lines = ["all:", "  vars:", "    ansible_connection: docker", "  children:", "    gpu:", "      hosts:"]
     lines += [f"        {name}: {{ansible_host: {testbed.container_name(name)}}}" for name in names]
+    if gateway:
+        lines += ["    gateway:", "      hosts:", *[f"        {name}:" for name in names]]
     (root / "hosts.yml").write_text("\n".join(lines) + "\n")
+    if gateway:
+        ensure_api_keys(load_fleet(root, check_secrets=False), client="e2e")
     return root / "inventory.py"
 
 

@@ -60,8 +60,10 @@ def _uncomment(block_title: str) -> str:
 
 
 def test_the_seed_alternative_layouts_in_the_example_plan(example_copy: Path):
+    host_vars = example_copy / "host_vars" / "gpu-01.yml"
+    own = host_vars.read_text()  # its engine.listen_address stays
     for title, expected in (("Layout B", [[0, 1], [2, 3]]), ("Layout C", [[0], [1], [2], [3]])):
-        (example_copy / "host_vars" / "gpu-01.yml").write_text(_uncomment(title))
+        host_vars.write_text(own + _uncomment(title))
         result = gpufleet("plan", str(example_copy), "--json", "--host", "gpu-01")
         assert result.code == 0, result.err
         host = json.loads(result.out)["hosts"][0]
@@ -129,7 +131,7 @@ def test_bad_inventory_exits_2_with_every_problem_and_no_traceback(example_copy:
 def test_inventory_shows_merged_variables_with_their_origin():
     result = gpufleet("inventory", "inventories/example", "--host", "gpu-02")
     assert result.code == 0, result.err
-    assert 'engine.port = 8100  # inventories/example/host_vars/gpu-02.yml:3' in result.out
+    assert 'engine.port = 8100  # inventories/example/host_vars/gpu-02.yml:4' in result.out
     assert 'engine.image = "vllm/vllm-openai:v0.11.0"  # roles/inference/defaults.yml' in result.out
     assert 'serving.gpu_memory_utilization = 0.95  # inventories/example/group_vars/gpu.yml' in result.out
     assert "serving.block_size = 16  # roles/inference/defaults.yml" in result.out

@@ -253,6 +253,8 @@ def test_config_json_inventory_plans_like_the_catalogue(make_inventory):
           name: {name}
           {extra}
           max_model_len: 32768
+        engine:
+          listen_address: 0.0.0.0
         serving:
           gpu_memory_utilization: 0.95
           max_num_seqs: 256

@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gpufleet.fleet import FleetHost, load_fleet
+from gpufleet.hostops import deep_merge
 from gpufleet.paths import REPO_ROOT
 from roles.inference.spec import SPEC_HASH_LABEL, container_specs, cpusets
 
@@ -29,8 +31,10 @@ def _layout_block(title: str) -> str:
 def example_host(tmp_path: Path, host_vars: str | None = None, host: str = "gpu-01") -> FleetHost:
     root = tmp_path / "example"
     shutil.copytree(EXAMPLE, root, ignore=shutil.ignore_patterns("secrets"))
-    if host_vars is not None:
-        (root / "host_vars" / "gpu-01.yml").write_text(host_vars)
+    if host_vars is not None:  # merged into the example's own host_vars (its engine.listen_address stays)
+        path = root / "host_vars" / "gpu-01.yml"
+        merged = deep_merge(yaml.safe_load(path.read_text()), yaml.safe_load(host_vars))
+        path.write_text(yaml.safe_dump(merged))
     return load_fleet(root, check_secrets=False).host(host)
 
 
@@ -45,7 +49,7 @@ def test_the_seed_layout_a_is_one_container_on_all_four_gpus(tmp_path: Path) -> 
     [spec] = container_specs(host.config, host.plan)
     assert spec.name == "gpufleet-engine-0" and spec.image == "vllm/vllm-openai:v0.11.0"
     assert option(spec, "--gpus") == ['"device=0,1,2,3"']
-    assert option(spec, "--publish") == ["127.0.0.1:8000:8000"]  # loopback only
+    assert option(spec, "--publish") == ["198.51.100.11:8000:8000"]  # the private address only (gw-01 is remote)
     assert option(spec, "--memory") == ["32g"] and option(spec, "--memory-swap") == ["32g"]
     assert option(spec, "--cpus") == ["8"] and option(spec, "--pids-limit") == ["4096"]
     assert option(spec, "--shm-size") == ["8g"]
@@ -65,7 +69,8 @@ def test_the_seed_alternative_layouts_pin_each_instance_to_its_gpus(tmp_path: Pa
     assert [spec.gpus for spec in specs] == gpus
     assert [option(spec, "--gpus") for spec in specs] == [[f'"device={",".join(map(str, g))}"'] for g in gpus]
     assert [spec.host_port for spec in specs] == [8000 + i for i in range(len(gpus))]
-    assert [option(spec, "--publish")[0] for spec in specs] == [f"127.0.0.1:{8000 + i}:8000" for i in range(len(gpus))]
+    published = [f"198.51.100.11:{8000 + i}:8000" for i in range(len(gpus))]  # gpu-01's private address
+    assert [option(spec, "--publish")[0] for spec in specs] == published
     assert len({spec.name for spec in specs}) == len(gpus)
 
 
@@ -103,7 +108,7 @@ def test_tgi_listens_on_its_port_and_caches_models_in_data(tmp_path: Path) -> No
         tmp_path, f"engine: {{kind: tgi, image: '{image}'}}\nmodel: {{max_model_len: 32768, rope_scaling: null}}\n"
     )
     [spec] = container_specs(host.config, host.plan)
-    assert option(spec, "--publish") == ["127.0.0.1:8000:80"]
+    assert option(spec, "--publish") == ["198.51.100.11:8000:80"]
     assert option(spec, "--volume") == ["/var/lib/gpufleet/model-cache:/data"]
     assert "--num-shard" in spec.command
 

@@ -21,6 +21,8 @@ gateway.yml) or to the file a case writes; the base files are reproduced here fo
     11       hosts:                             11 layout:
     12         mon-01: {ansible_host: ...20}    12   instances: 1
                                                 13   tensor_parallel_size: 4
+                                                14 engine:
+                                                15   listen_address: 0.0.0.0
     group_vars/all.yml          group_vars/gateway.yml
      1 slo:                      1 gateway:
      2   ttft_p99_ms: 500        2   api_keys_file: secrets/api_keys
@@ -241,8 +243,9 @@ SCHEMA_CASES = [
     pytest.param(
         _gateway("  burts: 8\n"),
         "error: <root>/group_vars/gateway.yml:3: gateway.burts: unknown key 'burts'\n"
-        "  fix: did you mean 'burst'? (valid keys: api_keys_file, burst, listen, max_body_size, max_concurrency, "
-        "max_conns_per_key, nodelay, rate_per_second, read_timeout_s)",
+        "  fix: did you mean 'burst'? (valid keys: api_keys_file, backends, burst, fail_timeout_s, listen, "
+        "max_body_size, max_concurrency, max_conns_per_key, max_fails, nodelay, rate_per_second, read_timeout_s, "
+        "status_port)",
         id="unknown-nested-key",
     ),
     pytest.param(
@@ -336,7 +339,7 @@ SCHEMA_CASES = [
     ),
     pytest.param(
         {"group_vars/gpu.yml": GPU_VARS + "limits:\n  cpuset: ['0-7']\n"},
-        "error: <root>/group_vars/gpu.yml:15: limits.cpuset: is ['0-7'] but limits.cpus is also set (8): "
+        "error: <root>/group_vars/gpu.yml:17: limits.cpuset: is ['0-7'] but limits.cpus is also set (8): "
         "use cpus or cpuset, not both\n"
         "  fix: to pin CPUs, also set limits.cpus: null (cpus may come from another file or the role defaults); "
         "to keep the cpus limit, remove limits.cpuset",
@@ -344,7 +347,7 @@ SCHEMA_CASES = [
     ),
     pytest.param(
         {"group_vars/gpu.yml": GPU_VARS + "limits:\n  memory: 32 gigs\n"},
-        "error: <root>/group_vars/gpu.yml:15: limits.memory: '32 gigs' is not a size\n"
+        "error: <root>/group_vars/gpu.yml:17: limits.memory: '32 gigs' is not a size\n"
         "  fix: write a number with a unit, e.g. '32g' or '512m'",
         id="bad-size",
     ),
@@ -613,8 +616,9 @@ def test_every_schema_problem_of_the_fleet_is_reported_at_once(make_inventory):
         f"error: {root}/group_vars/all.yml:2: slo.ttft_p99_ms: must be > 0, got 0\n"
         "  fix: set slo.ttft_p99_ms to a value > 0 (time to first token, 99th percentile, in milliseconds)\n"
         f"error: {root}/group_vars/gateway.yml:3: gateway.burts: unknown key 'burts'\n"
-        "  fix: did you mean 'burst'? (valid keys: api_keys_file, burst, listen, max_body_size, max_concurrency, "
-        "max_conns_per_key, nodelay, rate_per_second, read_timeout_s)\n"
+        "  fix: did you mean 'burst'? (valid keys: api_keys_file, backends, burst, fail_timeout_s, listen, "
+        "max_body_size, max_concurrency, max_conns_per_key, max_fails, nodelay, rate_per_second, read_timeout_s, "
+        "status_port)\n"
         f"error: {root}/host_vars/mon-01.yml:2: monitoring.retention_days: must be >= 1, got -1\n"
         "  fix: set monitoring.retention_days to a value >= 1 (days of metrics Prometheus keeps)"
     )

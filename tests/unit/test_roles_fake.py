@@ -507,7 +507,7 @@ def test_a_run_stopped_by_a_failed_list_refresh_recovers_on_the_next_run(
 
 # the inference role ------------------------------------------------------------------------------
 
-ENGINE = "http://127.0.0.1:8000"  # gpu-01's engine (inventories/example)
+ENGINE = "http://198.51.100.11:8000"  # gpu-01's engine, published on its private address (inventories/example)
 
 
 def test_the_hf_token_is_uploaded_0600_root_before_the_engines_and_never_shown(gpu01: FleetHost) -> None:
