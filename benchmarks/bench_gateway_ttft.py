@@ -46,6 +46,7 @@ from tests.integration.gateway_harness import (
     SimProcess,
     chat_body,
     new_key,
+    percentile,
     pinned,
     running_sims,
 )
@@ -55,14 +56,6 @@ CHAT = "/v1/chat/completions"
 BOUND_MS = 1.0
 MAX_REFERENCE_SPREAD_MS = 1.0
 UNLIMITED = {"rate_per_second": 1000, "burst": 1000, "max_conns_per_key": 64}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    rank = q / 100 * (len(ordered) - 1)
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def fast_profile(folder: Path) -> Path:

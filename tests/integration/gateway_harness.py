@@ -575,3 +575,12 @@ class NginxGateway:
                 assert len(found) == 1, f"{len(found)} access log records for request {request_id}"
                 return found[0]
             time.sleep(0.02)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    rank = q / 100 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)

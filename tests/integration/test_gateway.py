@@ -32,6 +32,7 @@ from tests.integration.gateway_harness import (
     chat_body,
     find_nginx,
     new_key,
+    percentile,
     running_sims,
 )
 
@@ -71,15 +72,6 @@ def error_of(reply: Reply, status: int) -> dict[str, Any]:
     error = reply.json()["error"]
     assert error["code"] == status and error["type"] and error["message"], error
     return error
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between order statistics (numpy's default)."""
-    ordered = sorted(values)
-    rank = q / 100 * (len(ordered) - 1)
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 # ---- keys ------------------------------------------------------------------------------------------
