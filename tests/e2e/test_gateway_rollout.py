@@ -96,6 +96,7 @@ class Load:
     """Streaming completions from a few clients until stopped; every admitted one must complete."""
 
     bed: Bed
+    record_starts: bool = False  # failures read "@<monotonic start> <what>"
     stop: threading.Event = field(default_factory=threading.Event)
     done: int = 0
     refused: int = 0  # 429: not admitted, allowed
@@ -106,7 +107,10 @@ class Load:
         body = {"model": "qwen2.5-7b-instruct", "prompt": "hello", "max_tokens": 24, "stream": True}
         deadline = time.monotonic() + 600  # bounded whatever happens to the test
         while not self.stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
             outcome = self._one(body)
+            if self.record_starts and outcome not in ("ok", "429"):
+                outcome = f"@{started} {outcome}"
             with self.lock:
                 if outcome == "ok":
                     self.done += 1
@@ -142,6 +146,23 @@ class Load:
         self.stop.set()
         for thread in self.threads:
             thread.join(timeout=90)
+
+
+def test_a_killed_instance_fails_no_request_that_had_not_started(bed: Bed) -> None:
+    """Docker restarts the crashed engine (restart unless-stopped); meanwhile its published port is
+    Docker's proxy, which accepts and drops connections: nginx must send those requests on."""
+    with Load(bed, record_starts=True) as load:
+        time.sleep(2)
+        # a crash, not `docker kill` (Docker counts that as a manual stop and does not restart)
+        bed.host.exec("sh", "-c", "kill -9 $(docker inspect --format '{{.State.Pid}}' gpufleet-engine-1)")
+        killed_at = time.monotonic()  # requests started before this may have been on the engine
+        time.sleep(12)  # through the engine's restart and start-up delay, and its return
+    late = [f for f in load.failures if f.startswith("@") and float(f[1:].split(" ", 1)[0]) > killed_at]
+    assert late == [], late[:5]
+    assert len(load.failures) <= LOAD_CLIENTS, load.failures  # at most the streams open on it
+    assert load.done > 20
+    restarts = bed.host.exec("docker", "inspect", "--format", "{{.RestartCount}}", "gpufleet-engine-1").stdout
+    assert int(restarts) >= 1
 
 
 def spec_hashes(bed: Bed) -> dict[str, str]:
