@@ -39,7 +39,6 @@ from roles.gateway.nginx_conf import GatewayPaths, render_upstream
 from roles.inference.spec import ContainerSpec
 
 DRAIN_TIMEOUT_S = 900  # the longest generation we wait for before replacing an instance anyway
-HEALTHY_TIMEOUT_S = 1800
 STOP_TIMEOUT_S = 30
 POLL_S = 1.0
 PREVIOUS_SUFFIX = "-previous"
@@ -185,7 +184,7 @@ def _replace(state: Any, host: Any, spec: ContainerSpec, kind: str, served_name:
     ok, out = _run(on, f"{create} && docker start {spec.name}")
     problem = (
         (None if ok else f"docker could not start it: {out[-2000:]}")
-        or inference.wait_healthy(spec, HEALTHY_TIMEOUT_S)
+        or inference.wait_healthy(spec, inference.HEALTHY_TIMEOUT_S)
         or inference.smoke_completion(spec, served_name)
     )
     if problem is None:
@@ -196,7 +195,7 @@ def _replace(state: Any, host: Any, spec: ContainerSpec, kind: str, served_name:
     if exists:
         _run(on, f"docker rm -f {spec.name}")
         ok, _ = _run(on, f"docker rename {previous} {spec.name} && docker start {spec.name}")
-        back = ok and inference.wait_healthy(spec, HEALTHY_TIMEOUT_S) is None
+        back = ok and inference.wait_healthy(spec, inference.HEALTHY_TIMEOUT_S) is None
         restored = "the previous container serves again" if back else "the previous container did not come back"
     return _stopped(on, f"instance {spec.instance}: the new spec failed ({problem.strip()}); {restored}")
 

@@ -12,6 +12,7 @@ from gpufleet.errors import ConfigError
 from gpufleet.fleet import load_fleet
 from gpufleet.paths import REPO_ROOT
 from roles.gateway.nginx_conf import UPSTREAM, nginx_rate, render, render_upstream
+from roles.inference.rollout import Step, rollout_steps
 from tests.conftest import base_file
 
 HOSTS = base_file("hosts.yml")
@@ -136,3 +137,16 @@ def test_a_drained_instance_is_marked_down_and_the_others_stay(make_inventory) -
     text = render_upstream(host.gateway, host.config.gateway, drained={"192.0.2.11:8000"})
     assert "server 192.0.2.11:8000 down;" in text
     assert "server 192.0.2.12:8000 max_fails=1 fail_timeout=10s;" in text
+
+
+def test_rollout_steps_cover_every_instance_with_the_gateways_fronting_it() -> None:
+    fleet = load_fleet(REPO_ROOT / "inventories" / "example", check_secrets=False)
+    assert rollout_steps(fleet.hosts) == [
+        Step("gpu-01", 0, "198.51.100.11:8000", ("gw-01",)),
+        Step("gpu-02", 0, "198.51.100.12:8100", ("gw-01",)),
+    ]
+    local = load_fleet(REPO_ROOT / "inventories" / "local", check_secrets=False)
+    assert [(s.host, s.server, s.gateways) for s in rollout_steps(local.hosts)] == [
+        ("gpu-01", "127.0.0.1:8000", ("gpu-01",)),
+        ("gpu-02", "127.0.0.1:8000", ("gpu-02",)),
+    ]
