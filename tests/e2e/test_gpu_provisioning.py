@@ -50,6 +50,8 @@ def make_inventory(root: Path, names: list[str], gateway: bool = False) -> Path:
     (root / "hosts.yml").write_text("\n".join(lines) + "\n")
     if gateway:
         ensure_api_keys(load_fleet(root, check_secrets=False), client="e2e")
+    else:  # group_vars of a group hosts.yml does not define is refused
+        (root / "group_vars" / "gateway.yml").unlink()
     return root / "inventory.py"
 
 
