@@ -65,6 +65,7 @@ bench: setup ## run the benchmarks in benchmarks/ and print their figures (about
 	$(BIN)/python benchmarks/bench_sim_capacity.py
 	$(BIN)/python benchmarks/bench_gpu_rerun.py
 	$(BIN)/python benchmarks/bench_gateway_ttft.py
+	$(BIN)/python benchmarks/bench_exporter.py
 
 demo: ## run the whole chain on this machine (not yet: lands with the one-machine test bed)
 	@echo "make demo: not yet. The one-machine test bed (simulated GPU hosts, deploy, load test) is still" >&2
