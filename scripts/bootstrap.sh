@@ -38,11 +38,17 @@ need_nginx=0
 if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
     need_nginx=1
 fi
+# promtool and amtool: the monitoring tests check and unit-test the rendered Prometheus rules and
+# Alertmanager configuration. Their packages bring services that must not start either.
+need_quiet=()
+command -v promtool >/dev/null 2>&1 || need_quiet+=(prometheus)
+command -v amtool >/dev/null 2>&1 || need_quiet+=(prometheus-alertmanager)
 
-if ((${#need_apt[@]} || need_nginx)); then
+if ((${#need_apt[@]} || need_nginx || ${#need_quiet[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         missing="${need_apt[*]}"
         ((need_nginx)) && missing="${missing:+$missing }nginx-light (or nginx)"
+        ((${#need_quiet[@]})) && missing="${missing:+$missing }${need_quiet[*]}"
         echo "bootstrap: missing $missing; run as root or install them with apt-get install -y" >&2
         exit 1
     fi
@@ -56,20 +62,23 @@ if ((${#need_apt[@]} || need_nginx)); then
         # nginx-light where the release has it (Debian 12, Ubuntu 22.04), else nginx
         nginx_package=nginx
         apt-cache show nginx-light >/dev/null 2>&1 && nginx_package=nginx-light
-        echo "bootstrap: apt-get install $nginx_package (its service is not started)"
-        # Installed without starting the packaged service (it would take port 80 and is not what
-        # the tests run): a policy-rc.d that refuses every start, only if none exists, removed
-        # afterwards even when the install fails.
+        need_quiet=("$nginx_package" "${need_quiet[@]}")
+    fi
+    if ((${#need_quiet[@]})); then
+        echo "bootstrap: apt-get install ${need_quiet[*]} (their services are not started)"
+        # Installed without starting the packaged services (nginx would take port 80, Prometheus
+        # and Alertmanager theirs; the tests run their own): a policy-rc.d that refuses every
+        # start, only if none exists, removed afterwards even when the install fails.
         policy=/usr/sbin/policy-rc.d
         if [[ ! -e $policy ]]; then
             trap 'rm -f "$policy"' EXIT
-            printf '#!/bin/sh\n# bootstrap.sh: no service starts while nginx installs\nexit 101\n' >"$policy"
+            printf '#!/bin/sh\n# bootstrap.sh: no service starts while these packages install\nexit 101\n' >"$policy"
             chmod 755 "$policy"
-            apt-get install -y -qq --no-install-recommends "$nginx_package" >/dev/null
+            apt-get install -y -qq --no-install-recommends "${need_quiet[@]}" >/dev/null
             rm -f "$policy"
             trap - EXIT
         else
-            apt-get install -y -qq --no-install-recommends "$nginx_package" >/dev/null
+            apt-get install -y -qq --no-install-recommends "${need_quiet[@]}" >/dev/null
         fi
     fi
 fi
