@@ -1,15 +1,17 @@
-"""Alert thresholds the inventory's schema has no key for yet, each defined once, here.
+"""Where the alert thresholds come from, and the fixed facts the rules use.
 
 The SLO thresholds (TTFT, inter-token latency, error rate, availability) come from the
-inventory's `slo` section, and the GPU memory limit and GPU count of each host from its `serving`
-and `gpus` sections; see rules.py. The values below have no inventory key: `render_rules` takes an
-`AlertThresholds`, so moving them into the schema (a `monitoring.alerts` section with these
-defaults in roles/prometheus/defaults.yml) changes only where the object is built.
+inventory's `slo` section, the GPU memory limit and GPU count of each host from its `serving`
+and `gpus` sections, and the other thresholds from `monitoring.alerts` (defaults in
+roles/prometheus/defaults.yml); see rules.py. XID codes and throttle reasons are facts about
+NVIDIA's GPUs, not settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from gpufleet.errors import ConfigError, Problem
+from gpufleet.fleet import Fleet
+from gpufleet.schema.sections import AlertThresholds
 
 # XID codes that need an operator (NVIDIA's XID catalogue; docs/exporter.md): 48 double-bit ECC,
 # 62 internal micro-controller halt, 64 ECC page retirement or row remap failure, 74 NVLink,
@@ -22,20 +24,20 @@ ACTIONABLE_XIDS = (48, 62, 64, 74, 79, 94, 95, 119, 120)
 THROTTLE_REASONS = ("hw_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown", "sw_thermal_slowdown")
 
 
-@dataclass(frozen=True)
-class AlertThresholds:
-    # The seed: GPU memory in use "不超过 90%, 防止 OOM" (no more than 90%, to avoid OOM). vLLM
-    # allocates its whole gpu_memory_utilization share at start-up, so on a host whose engines are
-    # planned above that (the seed's own 0.95) the limit is the planned share plus this margin:
-    # memory beyond what the engines were given (another process, a leak) still alerts.
-    gpu_memory_ratio: float = 0.90
-    gpu_memory_margin: float = 0.02
-    kv_cache_ratio: float = 0.90  # engine KV cache usage (0-1)
-    gpu_temperature_celsius: float = 85.0  # core temperature; NVIDIA gives 90 °C as the RTX 4090's maximum
-    xid_recent_s: int = 300  # an actionable XID alerts for this long after it was last seen
-    gateway_limited_ratio: float = 0.10  # share of the gateway's requests answered 429
-    host_memory_ratio: float = 0.90  # host memory in use (1 - MemAvailable / MemTotal)
-    disk_free_ratio: float = 0.10  # free space of a filesystem below this share
+def fleet_thresholds(fleet: Fleet) -> AlertThresholds:
+    """The monitoring hosts' `monitoring.alerts` (role defaults unless the inventory overrides them).
 
-
-DEFAULT_THRESHOLDS = AlertThresholds()
+    Every host carries the section (role defaults are every host's lowest layer); the monitoring
+    hosts' values are the ones their Prometheus evaluates, so theirs count, and they must agree.
+    """
+    hosts = [h for h in fleet.hosts if h.in_group("monitoring")] or list(fleet.hosts)
+    chosen = hosts[0].config.monitoring.alerts
+    for other in hosts[1:]:
+        if other.config.monitoring.alerts != chosen:
+            origin = other.source.origin_of(("monitoring", "alerts")) or other.source.defined_at
+            raise ConfigError([Problem(
+                file=origin.file, line=origin.line, key="monitoring.alerts", host=other.name,
+                message=f"differs from {hosts[0].name}'s; the monitoring hosts evaluate one set of rules",
+                fix="set monitoring.alerts once, in group_vars/monitoring.yml",
+            )])
+    return chosen

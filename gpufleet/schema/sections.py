@@ -340,6 +340,30 @@ class MonitoringPorts(Section):
     nginx_exporter: Port = Field(description="nginx exporter port on gateway hosts")
 
 
+class AlertThresholds(Section):
+    """Alert thresholds beyond the SLOs (those come from `slo`); the rules are rendered from them."""
+
+    gpu_memory_ratio: float = Field(
+        gt=0, le=1, description="GPU memory in use above which GpuMemoryHigh fires; the seed's limit is 0.9"
+    )
+    gpu_memory_margin: float = Field(
+        ge=0, lt=1, description="on hosts whose engines are planned above gpu_memory_ratio (vLLM takes its whole "
+        "share at start-up), the limit is serving.gpu_memory_utilization plus this margin",
+    )
+    kv_cache_ratio: float = Field(gt=0, le=1, description="engine KV cache usage above which EngineKvCacheHigh fires")
+    gpu_temperature_celsius: float = Field(
+        gt=0, description="GPU core temperature above which GpuTemperatureHigh fires"
+    )
+    xid_recent_s: int = Field(ge=1, description="seconds an actionable XID keeps GpuXidError firing after it was seen")
+    gateway_limited_ratio: float = Field(
+        gt=0, le=1, description="share of gateway requests answered 429 above which GatewayRateLimitRatioHigh fires"
+    )
+    host_memory_ratio: float = Field(gt=0, le=1, description="host memory in use above which HostMemoryHigh fires")
+    disk_free_ratio: float = Field(
+        gt=0, lt=1, description="free share of a filesystem below which HostDiskSpaceLow fires"
+    )
+
+
 class Monitoring(Section):
     """Prometheus, Alertmanager and Grafana on the monitoring hosts, and the exporters they scrape."""
 
@@ -348,6 +372,7 @@ class Monitoring(Section):
     retention_days: int = Field(ge=1, description="days of metrics Prometheus keeps")
     receivers: list[Receiver] = Field(min_length=1, description="where alerts go; the first is the default route")
     ports: MonitoringPorts = Field(description="ports of the monitoring services and exporters")
+    alerts: AlertThresholds = Field(description="alert thresholds beyond the SLOs")
 
 
 class Preflight(Section):

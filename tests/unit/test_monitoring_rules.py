@@ -18,7 +18,6 @@ from gpufleet.monitoring.alertmanager import alertmanager_config
 from gpufleet.monitoring.render import ALERTMANAGER_FILE, RULES_FILE, main, render_files
 from gpufleet.monitoring.rules import ENGINE_METRICS, ITL_OLD, KV_CACHE_OLD, rule_groups
 from gpufleet.monitoring.slo import model_slos, nearest_bucket
-from gpufleet.monitoring.thresholds import AlertThresholds
 from gpufleet.sim.metrics import ITL_BUCKETS, TTFT_BUCKETS, VllmMetrics
 from gpufleet.sim.types import EngineStats, SimConfig
 from tests.conftest import InventoryFactory, base_file
@@ -169,8 +168,11 @@ def test_gpu_memory_limit_is_the_seeds_or_the_planned_share_plus_margin(make_inv
     assert 'host="gpu-01"' in limits["0.97"]["expr"] and 'host="gpu-02"' in limits["0.9"]["expr"]
     assert "gpu_memory_utilization 0.95" in limits["0.97"]["annotations"]["description"]
     assert "the seed's limit of 90%" in limits["0.9"]["annotations"]["description"]
-    # the same limits from a different seed limit: one definition, in AlertThresholds
-    rules = alert_rules(groups_for(root, thresholds=AlertThresholds(gpu_memory_ratio=0.99)), "GpuMemoryHigh")
+    # a different seed limit in the inventory moves both: one definition, monitoring.alerts
+    (root / "group_vars" / "all.yml").write_text(
+        (root / "group_vars" / "all.yml").read_text() + "monitoring:\n  alerts:\n    gpu_memory_ratio: 0.99\n"
+    )
+    rules = alert_rules(groups_for(root), "GpuMemoryHigh")
     (only,) = rules
     assert only["expr"].endswith("> 0.99") and 'host=~"gpu-01|gpu-02"' in only["expr"]
 
