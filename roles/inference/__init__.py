@@ -29,7 +29,14 @@ from pyinfra.facts.server import Command
 from pyinfra.operations import files
 
 from gpufleet.hostops import executing, fail_host, image_present, secret_file
-from roles.inference.spec import CONTAINER_PREFIX, ROLE_LABEL, SPEC_HASH_LABEL, ContainerSpec, container_specs
+from roles.inference.spec import (
+    CONTAINER_PREFIX,
+    ROLE_LABEL,
+    SPEC_HASH_LABEL,
+    ContainerSpec,
+    container_name,
+    container_specs,
+)
 
 MODEL_CACHE_DIR = "/var/lib/gpufleet/model-cache"
 SECRETS_DIR = "/etc/gpufleet/secrets"
@@ -163,7 +170,7 @@ def apply() -> None:
     fleet_host = host.data.gpufleet
     config = fleet_host.config
     token = config.engine.hf_token_file
-    specs = host_specs(host)  # names and GPUs; each operation computes its spec again when it runs
+    instances = fleet_host.plan.instances  # each operation computes its instance's spec when it runs
     image_present(name="engine image", image=config.engine.image, archive_url=config.engine.image_archive)
     if token is not None:
         files.directory(name="secrets folder", path=SECRETS_DIR, user="root", group="root", mode="700")
@@ -173,7 +180,9 @@ def apply() -> None:
     else:
         files.file(name="no Hugging Face token", path=HF_TOKEN_FILE, present=False)  # a removed setting
     files.directory(name="model cache", path=MODEL_CACHE_DIR, mode="755")
-    for spec in specs:
-        engine_container(name=f"engine {spec.instance} (GPUs {','.join(map(str, spec.gpus))})", instance=spec.instance)
-    stale_engines_removed(name="engines the layout no longer has", keep=[spec.name for spec in specs])
+    for instance in instances:
+        engine_container(name=f"engine {instance.index} (GPUs {','.join(map(str, instance.gpus))})",
+                         instance=instance.index)
+    stale_engines_removed(name="engines the layout no longer has",
+                          keep=[container_name(instance.index) for instance in instances])
     engines_serving(name="engines healthy and answering", served_name=fleet_host.plan.served_name)

@@ -74,6 +74,10 @@ class ContainerSpec:
         return ["docker", "create", "--name", self.name, *self.options, self.image, *self.command]
 
 
+def container_name(instance: int) -> str:
+    return f"{CONTAINER_PREFIX}{instance}"
+
+
 def cpusets(host_cpus: int, instances: int) -> list[str]:
     """The host's cores split into `instances` contiguous, equal ranges ('0-7', '8-15', ...)."""
     if host_cpus < instances:
@@ -161,7 +165,7 @@ def container_specs(config: Any, plan: Any, *, host_cpus: int | None = None, mem
         labels = ["--label", f"{ROLE_LABEL}=inference", "--label", f"{INSTANCE_LABEL}={instance.index}",
                   "--label", f"{SPEC_HASH_LABEL}={digest}"]
         specs.append(ContainerSpec(
-            name=f"{CONTAINER_PREFIX}{instance.index}", image=config.engine.image,
+            name=container_name(instance.index), image=config.engine.image,
             options=tuple(options + labels), command=tuple(command), instance=instance.index,
             gpus=instance.gpus, host_port=instance.port, spec_hash=digest, address=_reach(config.engine.listen_address),
         ))

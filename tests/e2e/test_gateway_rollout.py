@@ -23,12 +23,16 @@ import pytest
 
 from gpufleet.fleet import load_fleet
 from gpufleet.paths import REPO_ROOT
+from gpufleet.schema.units import parse_listen
 from gpufleet.testbed import hosts as testbed
 from gpufleet.testbed.bed import prepare_mirror
 from tests.e2e.test_gpu_provisioning import changed_operations, grand_total, make_inventory
 from tests.e2e.test_serving import PYINFRA, deploy, engines, set_host_vars
 
-GATEWAY_PORT = 8080  # inventories/local's gateway.listen (the role default)
+# the gateway's port and its stub_status port, as inventories/local (its role defaults) sets them
+_GATEWAY = load_fleet(REPO_ROOT / "inventories" / "local", check_secrets=False).hosts[0].config.gateway
+GATEWAY_PORT = parse_listen(_GATEWAY.listen)[1]
+STATUS_PORT = _GATEWAY.status_port
 TWO_INSTANCES = "layout: {instances: 2, tensor_parallel_size: 2}\n"
 # the test's load comes from one key; the seed's 2 r/s would refuse most of it
 GENEROUS_LIMITS = "gateway: {rate_per_second: 200, burst: 200, max_conns_per_key: 64}\n"
@@ -82,7 +86,7 @@ def test_the_gateway_needs_a_key_and_hides_the_engines(bed: Bed) -> None:
     # the keys map is root's alone; nginx's stub_status answers on the host's loopback
     mode = bed.host.exec("stat", "-c", "%a %U", "/etc/nginx/gpufleet/api_keys.map").stdout.strip()
     assert mode == "600 root"
-    stub = bed.host.exec("curl", "-s", "http://127.0.0.1:8081/stub_status").stdout
+    stub = bed.host.exec("curl", "-s", f"http://127.0.0.1:{STATUS_PORT}/stub_status").stdout
     assert stub.startswith("Active connections")
 
 
