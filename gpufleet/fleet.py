@@ -14,6 +14,7 @@ from pathlib import Path
 from gpufleet.apikeys import ApiKey, read_api_keys
 from gpufleet.errors import ConfigError, Problem
 from gpufleet.inventory import Inventory, InventoryHost, Origin, load_inventory
+from gpufleet.monitoring.targets import target_problems
 from gpufleet.paths import ROLES_DIR, display_path
 from gpufleet.planner.gateway import GatewayPlan, api_key_problems, plan_gateways
 from gpufleet.planner.host import HostPlan, HostRefusal, plan_host
@@ -59,6 +60,10 @@ class Fleet:
     def host(self, name: str) -> FleetHost:
         return next(h for h in self.hosts if h.name == name)
 
+    def to_json(self) -> dict:
+        """What `pyinfra INVENTORY debug-inventory` prints for `host.data.gpufleet_fleet`."""
+        return {"inventory": str(self.root), "hosts": [h.name for h in self.hosts]}
+
 
 def load_fleet(path: Path, check_secrets: bool = True, roles_dir: Path = ROLES_DIR) -> Fleet:
     """Load and validate the inventory at `path`; raise `ConfigError` with every problem found.
@@ -80,6 +85,7 @@ def load_fleet(path: Path, check_secrets: bool = True, roles_dir: Path = ROLES_D
     if not problems:
         gateways, found = plan_gateways(hosts)
         problems.extend(found)
+        problems.extend(target_problems(hosts))
         hosts = [replace(h, gateway=gateways[h.name]) if h.name in gateways else h for h in hosts]
     keys: dict[Path, list[ApiKey]] = {}
     if check_secrets and not problems:

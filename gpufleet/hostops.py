@@ -24,7 +24,8 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, FunctionCommand, operation
 from pyinfra.facts.files import File, Sha256File
 from pyinfra.facts.server import Command
-from pyinfra.operations import files
+from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations.util import any_changed
 
 from gpufleet.hostfacts import FileText, HeldPackages, InstalledDebVersions, JsonFile, NvidiaSmi
 
@@ -240,3 +241,35 @@ def cdi_spec(path: str = "/etc/cdi/nvidia.yaml") -> Iterator[str]:
     if text is not None and (smi.driver_version is None or smi.driver_version in text):
         return
     yield f"mkdir -p {PurePosixPath(path).parent} && nvidia-ctk cdi generate --output={path}"
+
+
+# Debian-packaged services (prometheus, its exporters, alertmanager) -------------------------------
+
+
+def packaged_service(
+    package: str, args: list[str], configs: dict[str, str] | None = None, check: str | None = None,
+    service: str | None = None,
+) -> None:
+    """A Debian package whose unit reads `ARGS` from /etc/default/<service>, with its config files.
+
+    The arguments and configs are written before the package is installed, so its first start
+    (Debian starts services on install) already binds the inventory's address, never the package's
+    default of every interface; dpkg keeps them (--force-confold). Changed arguments restart the
+    service, changed configs reload it (SIGHUP); both only after `check` accepts the files, so a
+    rejected config fails the host while the running service keeps its previous one.
+    """
+    service = service or package
+    changed_configs = []
+    for path, text in (configs or {}).items():
+        files.directory(name=f"{service}: folder of {path}", path=str(PurePosixPath(path).parent), mode="755")
+        changed_configs.append(files.put(name=f"{service}: {path}", src=StringIO(text), dest=path, mode="644"))
+    arguments = files.put(name=f"{service}: arguments", src=StringIO(f'ARGS="{shlex.join(args)}"\n'),
+                          dest=f"/etc/default/{service}", mode="644")
+    apt.packages(name=package, packages=[package], no_recommends=True)
+    systemd.service(name=f"{service} running", service=service, running=True, enabled=True)
+    first = f"{check} && " if check else ""
+    config_changed = any_changed(*changed_configs) if changed_configs else (lambda: False)
+    server.shell(name=f"{service}: restart for new arguments", commands=[f"{first}systemctl restart {service}"],
+                 _if=arguments.did_change)
+    server.shell(name=f"{service}: reload for new configuration", commands=[f"{first}systemctl reload {service}"],
+                 _if=lambda: config_changed() and not arguments.did_change())

@@ -32,6 +32,8 @@ BASE_FILES: dict[str, str] = {
           max_error_rate: 0.01
           min_output_tokens_per_s: 500
           availability_target: 0.999
+        monitoring:
+          exporter_address: 0.0.0.0  # mon-01 scrapes every host's exporters at its ansible_host
     """,
     "group_vars/gpu.yml": """
         gpus:

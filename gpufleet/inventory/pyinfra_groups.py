@@ -18,10 +18,14 @@ from gpufleet.fleet import Fleet, FleetHost, load_fleet
 HostEntry = tuple[str, dict[str, Any]]
 
 
-def connection_data(host: FleetHost) -> tuple[str, dict[str, Any]]:
-    """pyinfra's host name (with its connector) and connection data for one host."""
+def connection_data(host: FleetHost, fleet: Fleet | None = None) -> tuple[str, dict[str, Any]]:
+    """pyinfra's host name (with its connector) and connection data for one host.
+
+    `gpufleet_fleet` is the whole fleet, for the roles that configure one host from all the others
+    (Prometheus' scrape targets, the rules).
+    """
     config = host.config
-    data: dict[str, Any] = {"gpufleet": host, "gpufleet_name": host.name}
+    data: dict[str, Any] = {"gpufleet": host, "gpufleet_name": host.name, "gpufleet_fleet": fleet}
     if config.ansible_connection == "local":
         return "@local", data
     if config.ansible_connection == "docker":
@@ -39,7 +43,7 @@ def connection_data(host: FleetHost) -> tuple[str, dict[str, Any]]:
 
 def fleet_groups(fleet: Fleet) -> dict[str, list[HostEntry]]:
     """Every inventory group (except `all`, which pyinfra builds) with its hosts and their data."""
-    entries = {host.name: connection_data(host) for host in fleet.hosts}
+    entries = {host.name: connection_data(host, fleet) for host in fleet.hosts}
     groups: dict[str, list[HostEntry]] = {}
     for name in fleet.inventory.groups:
         if name == "all":

@@ -22,7 +22,7 @@ import yaml
 
 from gpufleet.exporter import metrics as gpu
 from gpufleet.fleet import Fleet
-from gpufleet.monitoring.jobs import JOB_ENGINE, JOB_GPU_EXPORTER, JOB_NGINX, JOB_NODE
+from gpufleet.monitoring.jobs import JOB_ENGINE, JOB_GATEWAY, JOB_GPU_EXPORTER, JOB_NGINX, JOB_NODE
 from gpufleet.monitoring.slo import BURN_WINDOWS, LATENCY_OBJECTIVE, SLI_WINDOWS, ModelSlo, model_slos
 from gpufleet.monitoring.thresholds import ACTIONABLE_XIDS, THROTTLE_REASONS, fleet_thresholds
 from gpufleet.schema.sections import AlertThresholds
@@ -290,12 +290,13 @@ def host_alerts(ctx: Context) -> list[Rule]:
             "minutes. Docker images, model weights, logs and Prometheus data stop being written when it fills.",
         ),
         ctx.alert(
-            "ExporterDown", f'up{{job=~"{JOB_GPU_EXPORTER}|{JOB_NGINX}"}} == 0', for_="5m", severity="ticket",
+            "ExporterDown", f'up{{job=~"{JOB_GPU_EXPORTER}|{JOB_NGINX}|{JOB_GATEWAY}"}} == 0', for_="5m",
+            severity="ticket",
             component="exporter",
             summary="The {{ $labels.job }} exporter on {{ $labels.host }} is down",
             description="Prometheus has not scraped {{ $labels.job }} on {{ $labels.host }} "
             "({{ $labels.instance }}) for 5 minutes: the alerts that read it (GPU health for "
-            f"{JOB_GPU_EXPORTER}, the gateway for {JOB_NGINX}) cannot fire for this host.",
+            f"{JOB_GPU_EXPORTER}, the gateway for {JOB_NGINX} and {JOB_GATEWAY}) cannot fire for this host.",
         ),
     ]
 

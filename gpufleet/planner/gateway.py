@@ -7,7 +7,6 @@ refused with the keys to change, instead of deploying an nginx that answers 502.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gpufleet.errors import Problem
+from gpufleet.planner.reach import host_port, reach_address, reachable
 
 if TYPE_CHECKING:  # fleet.py imports this module
     from gpufleet.apikeys import ApiKey
@@ -37,8 +37,7 @@ class Backend:
 
     @property
     def server(self) -> str:
-        address = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{address}:{self.port}"
+        return host_port(self.address, self.port)
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,8 @@ def plan_gateways(hosts: Sequence[FleetHost]) -> tuple[dict[str, GatewayPlan], l
             problems.extend(found)
             continue
         backends = tuple(
-            Backend(host=h.name, instance=inst.index, address=_address(gateway, h), port=inst.port,
-                    max_num_seqs=inst.plan.max_num_seqs)
+            Backend(host=h.name, instance=inst.index, port=inst.port, max_num_seqs=inst.plan.max_num_seqs,
+                    address=reach_address(h.config.engine.listen_address, h, gateway))
             for h in fronted for inst in h.plan.instances
         )
         # requests beyond what the engines run at once would only wait in their queues: refuse them
@@ -117,8 +116,8 @@ def _backend_problems(gateway: FleetHost, fronted: Sequence[FleetHost]) -> list[
                                  "serve one model on the GPU hosts, or run a gateway on each GPU host "
                                  "(gateway.backends: local) and route clients per model"))
     for host in fronted:
-        address = ipaddress.ip_address(host.config.engine.listen_address)
-        if host.name != gateway.name and address.is_loopback:
+        address = host.config.engine.listen_address
+        if not reachable(address, host, gateway):
             origin = host.source.origin_of(("engine", "listen_address")) or host.source.defined_at
             problems.append(Problem(
                 file=origin.file, line=origin.line, key="engine.listen_address", host=host.name,
@@ -128,16 +127,6 @@ def _backend_problems(gateway: FleetHost, fronted: Sequence[FleetHost]) -> list[
                 "or run a gateway on every GPU host with gateway.backends: local",
             ))
     return problems
-
-
-def _address(gateway: FleetHost, backend: FleetHost) -> str:
-    """How the gateway reaches a backend's published ports."""
-    listen = backend.config.engine.listen_address
-    if not ipaddress.ip_address(listen).is_unspecified:
-        return listen
-    if backend.name == gateway.name:
-        return "127.0.0.1"
-    return backend.config.ansible_host or backend.name
 
 
 def _problem(host: FleetHost, key: str, message: str, fix: str) -> Problem:

@@ -12,6 +12,7 @@ from gpufleet.schema.sections import (
     Docker,
     Engine,
     Gateway,
+    GpuExporter,
     Gpus,
     Layout,
     Limits,
@@ -30,8 +31,8 @@ ROLE_GROUPS = ("gpu", "gateway", "monitoring")
 
 # Sections a host of each role group must have after defaults are merged.
 REQUIRED_BY_GROUP: dict[str, tuple[str, ...]] = {
-    "gpu": ("gpus", "engine", "model", "serving", "layout", "limits", "slo"),
-    "gateway": ("gateway", "slo"),
+    "gpu": ("gpus", "engine", "model", "serving", "layout", "limits", "slo", "monitoring", "gpu_exporter"),
+    "gateway": ("gateway", "slo", "monitoring"),
     "monitoring": ("monitoring", "slo"),
 }
 
@@ -57,6 +58,7 @@ class HostVars(Section):
     gateway: Gateway | None = Field(default=None, description="the nginx gateway")
     slo: Slo | None = Field(default=None, description="service level objectives")
     monitoring: Monitoring | None = Field(default=None, description="monitoring services")
+    gpu_exporter: GpuExporter | None = Field(default=None, description="the GPU exporter on GPU hosts")
     preflight: Preflight | None = Field(default=None, description="checks before a GPU host is touched")
     nvidia_driver: NvidiaDriver | None = Field(default=None, description="NVIDIA driver packages")
     cuda: Cuda | None = Field(default=None, description="CUDA toolkit")

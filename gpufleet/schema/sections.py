@@ -111,12 +111,17 @@ class Engine(Section):
     @field_validator("listen_address")
     @classmethod
     def _address(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            raise Invalid(f"{value!r} is not an IP address", "write 127.0.0.1, or the host's private address "
-                          "(Docker publishes ports on an address, not a name)") from None
-        return value
+        return _check_ip(value, "Docker publishes ports on an address, not a name")
+
+
+def _check_ip(value: str, why: str) -> str:
+    """An IP address (services bind to addresses, not names), or Invalid saying what to write."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise Invalid(f"{value!r} is not an IP address",
+                      f"write 127.0.0.1, or the host's private address ({why})") from None
+    return value
 
 
 class RopeScaling(Section):
@@ -338,6 +343,9 @@ class MonitoringPorts(Section):
     node_exporter: Port = Field(description="node_exporter port on every host")
     gpu_exporter: Port = Field(description="gpufleet GPU exporter port on GPU hosts")
     nginx_exporter: Port = Field(description="nginx exporter port on gateway hosts")
+    gateway_exporter: Port = Field(
+        description="port of the gateway's access-log exporter (`gpufleet gateway-exporter`) on gateway hosts"
+    )
 
 
 class AlertThresholds(Section):
@@ -364,15 +372,47 @@ class AlertThresholds(Section):
     )
 
 
+class GrafanaSource(Section):
+    """Grafana's apt repository (Grafana is not in Debian or Ubuntu); point it at a mirror where needed."""
+
+    repo_url: str = Field(pattern=r"^https?://\S+$", description="apt repository base, e.g. https://apt.grafana.com")
+    suite: str = Field(min_length=1, description="the repository's suite: stable (or beta)")
+    gpg_key_url: str = Field(pattern=r"^https?://\S+$", description="URL of the repository's ASCII-armored signing key")
+    version: str | None = Field(default=None, description="exact grafana package version to pin, e.g. '12.2.1'; "
+                                "null: the newest in the repository")
+
+
 class Monitoring(Section):
     """Prometheus, Alertmanager and Grafana on the monitoring hosts, and the exporters they scrape."""
 
-    listen_address: str = Field(description="address the monitoring services bind to, e.g. 127.0.0.1")
+    listen_address: str = Field(
+        description="address Prometheus, Alertmanager and Grafana bind to on the monitoring hosts, e.g. 127.0.0.1"
+    )
+    exporter_address: str = Field(
+        description="address this host's exporters (node, GPU, nginx, gateway log) bind to: 127.0.0.1 when "
+        "Prometheus runs on the same host, else the host's private address, which Prometheus scrapes"
+    )
     scrape_interval_s: int = Field(ge=1, le=300, description="Prometheus scrape interval in seconds")
     retention_days: int = Field(ge=1, description="days of metrics Prometheus keeps")
     receivers: list[Receiver] = Field(min_length=1, description="where alerts go; the first is the default route")
     ports: MonitoringPorts = Field(description="ports of the monitoring services and exporters")
     alerts: AlertThresholds = Field(description="alert thresholds beyond the SLOs")
+    grafana: GrafanaSource = Field(description="where the monitoring hosts install Grafana from")
+
+    @field_validator("listen_address", "exporter_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _check_ip(value, "Prometheus scrapes an address")
+
+
+class GpuExporter(Section):
+    """`gpufleet exporter` on the GPU hosts (roles/gpu_exporter)."""
+
+    mode: Literal["auto", "nvml", "simulate"] = Field(
+        description="nvml: read the GPUs through NVML; simulate: stand-in GPUs driven by the simulated engines "
+        "(the test bed); auto: simulate where engine.kind is sim, else nvml"
+    )
+    interval_s: float = Field(gt=0, le=60, description="seconds between two samples of the GPUs")
 
 
 class Preflight(Section):

@@ -214,10 +214,10 @@ YAML_CASES = [
         id="duplicate-key",
     ),
     pytest.param(
-        {"group_vars/all.yml": SLO_VARS + "monitoring:\n  receivers:\n    - name: oncall\n      name: pager\n"},
-        "error: <root>/group_vars/all.yml:10: monitoring.receivers.0.name: "
-        "duplicate key 'name' (first written on line 9)\n"
-        "  fix: write 'name' once here: delete the entry on line 10 or merge it into line 9",
+        {"group_vars/all.yml": SLO_VARS + "  receivers:\n    - name: oncall\n      name: pager\n"},
+        "error: <root>/group_vars/all.yml:11: monitoring.receivers.0.name: "
+        "duplicate key 'name' (first written on line 10)\n"
+        "  fix: write 'name' once here: delete the entry on line 11 or merge it into line 10",
         id="duplicate-key-in-a-list-item",
     ),
 ]
@@ -237,7 +237,7 @@ SCHEMA_CASES = [
         "error: <root>/group_vars/gateway.yml:1: gatway: unknown key 'gatway'\n"
         "  fix: did you mean 'gateway'? (valid keys: ansible_become, ansible_connection, ansible_host, "
         "ansible_port, ansible_ssh_private_key_file, ansible_user, container_toolkit, cuda, docker, engine, "
-        "gateway, gpus, layout, limits, model, monitoring, nvidia_driver, preflight, serving, slo)",
+        "gateway, gpu_exporter, gpus, layout, limits, model, monitoring, nvidia_driver, preflight, serving, slo)",
         id="unknown-top-level-key",
     ),
     pytest.param(
@@ -258,8 +258,8 @@ SCHEMA_CASES = [
         {"host_vars/gpu-01.yml": "5: x\n"},
         "error: <root>/host_vars/gpu-01.yml:1: 5: unknown key 5 (YAML reads it as a number, not a name)\n"
         "  fix: use one of the valid keys: ansible_become, ansible_connection, ansible_host, ansible_port, "
-        "ansible_ssh_private_key_file, ansible_user, container_toolkit, cuda, docker, engine, gateway, gpus, "
-        "layout, limits, model, monitoring, nvidia_driver, preflight, serving, slo",
+        "ansible_ssh_private_key_file, ansible_user, container_toolkit, cuda, docker, engine, gateway, gpu_exporter, "
+        "gpus, layout, limits, model, monitoring, nvidia_driver, preflight, serving, slo",
         id="number-as-key",
     ),
     pytest.param(
@@ -364,8 +364,8 @@ SCHEMA_CASES = [
         id="listen-without-port",
     ),
     pytest.param(
-        {"group_vars/all.yml": SLO_VARS + "monitoring:\n  receivers: []\n"},
-        "error: <root>/group_vars/all.yml:8: monitoring.receivers: must have at least 1 item, got 0\n"
+        {"group_vars/all.yml": SLO_VARS + "  receivers: []\n"},
+        "error: <root>/group_vars/all.yml:9: monitoring.receivers: must have at least 1 item, got 0\n"
         "  fix: set monitoring.receivers to a list of at least 1 item (where alerts go; the first is the default "
         "route)",
         id="empty-receivers",
