@@ -3,10 +3,12 @@
     python -m gpufleet.monitoring.render inventories/example monitoring
     python -m gpufleet.monitoring.render inventories/example monitoring --check
 
-writes <folder>/rules/gpufleet.rules.yml and <folder>/alertmanager.yml. `--check` writes nothing
-and exits 1 naming the files that differ from the rendering. `--runbook-base URL` makes every
-alert's runbook_url `URL/<AlertName>.md` (default: `runbooks`, the pages' path in this repository).
-Exit 2 with the problems listed when the inventory is invalid.
+writes <folder>/rules/gpufleet.rules.yml, <folder>/alertmanager.yml and Grafana's files under
+<folder>/grafana/: provisioning/datasources/gpufleet.yml (the Prometheus data source),
+provisioning/dashboards/gpufleet.yml (the dashboard provider) and dashboards/<uid>.json (the four
+dashboards). `--check` writes nothing and exits 1 naming the files that differ from the rendering.
+`--runbook-base URL` makes every alert's runbook_url `URL/<AlertName>.md` (default: `runbooks`, the
+pages' path in this repository). Exit 2 with the problems listed when the inventory is invalid.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from pathlib import Path
 from gpufleet.errors import EXIT_CONFIG_ERROR, ConfigError
 from gpufleet.fleet import load_fleet
 from gpufleet.monitoring.alertmanager import render_alertmanager
+from gpufleet.monitoring.grafana import render_grafana
 from gpufleet.monitoring.rules import RUNBOOK_BASE, render_rules
 from gpufleet.paths import REPO_ROOT
 
 RULES_FILE = Path("rules") / "gpufleet.rules.yml"
 ALERTMANAGER_FILE = Path("alertmanager.yml")
+GRAFANA_DIR = Path("grafana")
 
 
 def source_name(inventory: Path) -> str:
@@ -41,13 +45,15 @@ def render_files(inventory: Path, runbook_base: str = RUNBOOK_BASE) -> dict[Path
     return {
         RULES_FILE: render_rules(fleet, runbook_base=runbook_base, source=source),
         ALERTMANAGER_FILE: render_alertmanager(fleet, source=source),
+        **{GRAFANA_DIR / rel: text for rel, text in render_grafana(fleet, source=source).items()},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpufleet.monitoring.render", description=__doc__.split("\n")[0])
     parser.add_argument("inventory", type=Path, help="the inventory folder, e.g. inventories/example")
-    parser.add_argument("folder", type=Path, help="where to write rules/ and alertmanager.yml, e.g. monitoring")
+    parser.add_argument("folder", type=Path,
+                        help="where to write rules/, alertmanager.yml and grafana/, e.g. monitoring")
     parser.add_argument("--runbook-base", default=RUNBOOK_BASE, help="runbook_url prefix (default: %(default)s)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the files differ")
     args = parser.parse_args(argv)
