@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in (validate_cmd, plan_cmd, inventory_cmd, keys_cmd, sim_cmd, exporter_cmd):
         module.register(commands)
+    from gpufleet.cli import gateway_exporter_cmd  # imports no more than the gateway hosts' zipapp has
+
+    gateway_exporter_cmd.register(commands)
     return parser
 
 
