@@ -206,3 +206,74 @@ def test_install_of_the_toolkit_resolves_its_dependencies(apt: Apt) -> None:
         for name in ("nvidia-container-toolkit", "nvidia-container-toolkit-base", "libnvidia-container-tools",
                      "libnvidia-container1")
     )  # fmt: skip
+
+
+# --- the Grafana repository, laid out and signed as apt.grafana.com ------------------------------------------
+
+GRAFANA_DEB = "grafana_12.2.1_amd64.deb"
+
+
+def grafana_sources(base_url: str, keyring: Path) -> list[str]:
+    """The monitoring role's sources line, at the mirror's URL."""
+    return [f"deb [signed-by={keyring}] {base_url}/grafana/deb stable main"]
+
+
+@pytest.fixture(scope="module")
+def grafana_apt(mirror: Path, base_url: str, tmp_path_factory: pytest.TempPathFactory) -> Apt:
+    """apt with only the Grafana repository, trusting grafana/gpg.key dearmored (as the role installs it)."""
+    keyring = dearmor(mirror / "grafana/gpg.key", tmp_path_factory.mktemp("grafana-key") / "grafana.gpg")
+    private = private_apt(tmp_path_factory.mktemp("grafana-apt"), grafana_sources(base_url, keyring))
+    update = private.run("apt-get", "update")
+    problems = [line for line in (update.stdout + update.stderr).splitlines() if line[:2] in ("W:", "E:", "N:")]
+    assert problems == [], "apt-get update complained:\n" + "\n".join(problems)
+    return private
+
+
+def test_grafana_packages_index_lists_the_stand_in(mirror: Path) -> None:
+    index = mirror / "grafana/deb/dists/stable/main/binary-amd64/Packages"
+    text = index.read_text()
+    assert text.startswith("Package: grafana\nVersion: 12.2.1\n")
+    assert f"Filename: pool/main/g/grafana/{GRAFANA_DEB}\n" in text
+    assert (mirror / "grafana/deb/pool/main/g/grafana" / GRAFANA_DEB).is_file()
+    release = (mirror / "grafana/deb/dists/stable/Release").read_text()
+    assert "Suite: stable\n" in release and "Components: main\n" in release
+    assert " main/binary-amd64/Packages\n" in release
+
+
+def test_apt_verifies_the_grafana_repository_with_its_published_key(grafana_apt: Apt) -> None:
+    lists = sorted(path.name for path in (grafana_apt.root / "state/lists").iterdir() if path.is_file())
+    assert [name for name in lists if name.endswith("_grafana_deb_dists_stable_InRelease")], lists
+    assert [name for name in lists if name.endswith("_grafana_deb_dists_stable_main_binary-amd64_Packages")], lists
+    policy = grafana_apt.run("apt-cache", "policy", "grafana").stdout
+    assert "Candidate: 12.2.1" in policy and "/grafana/deb stable/main amd64 Packages" in policy
+    show = grafana_apt.run("apt-cache", "show", "grafana").stdout
+    assert "Depends: adduser, python3" in show
+    assert "Description: gpufleet STAND-IN for the test bed (not Grafana: no UI, no database, no alerting): " in show
+
+
+def test_apt_downloads_the_grafana_deb_it_checked(grafana_apt: Apt, mirror: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "APT_CONFIG": str(grafana_apt.root / "apt.conf"), "LC_ALL": "C"}
+    result = subprocess.run(["apt-get", "download", "grafana"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    downloaded = tmp_path / GRAFANA_DEB
+    assert downloaded.read_bytes() == (mirror / "grafana/deb/pool/main/g/grafana" / GRAFANA_DEB).read_bytes()
+
+
+def test_apt_refuses_the_grafana_repository_under_another_key(base_url: str, tmp_path: Path) -> None:
+    """The metadata is signed: with some other key in signed-by, apt refuses the repository."""
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    gpg = ["gpg", "--batch", "--homedir", str(home), "--pinentry-mode", "loopback", "--passphrase", ""]
+    try:
+        subprocess.run([*gpg, "--quick-generate-key", "not the mirror's key", "ed25519", "sign", "never"],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        subprocess.run([*gpg, "--output", str(tmp_path / "other.gpg"), "--export"], check=True, timeout=60)
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], capture_output=True, timeout=30)
+    private = private_apt(tmp_path / "apt", grafana_sources(base_url, tmp_path / "other.gpg"))
+    env = {**os.environ, "APT_CONFIG": str(private.root / "apt.conf"), "LC_ALL": "C"}
+    update = subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=120, env=env)
+    output = update.stdout + update.stderr
+    assert "NO_PUBKEY" in output or "not signed" in output, output
+    assert not list((private.root / "state/lists").glob("*_grafana_deb_dists_stable_main_binary-amd64_Packages"))

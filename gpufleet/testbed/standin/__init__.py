@@ -1,10 +1,11 @@
-"""The test bed's package mirror: stand-ins for NVIDIA's packages, in repositories laid out as NVIDIA's.
+"""The test bed's package mirror: stand-ins for NVIDIA's and Grafana's packages, in repositories laid out as theirs.
 
-On a machine with no GPU and no access to NVIDIA's repositories, the test bed runs gpufleet's
-roles unchanged against Debian 12 containers; only the repository URLs point at this mirror.
-Its packages carry the real names, versions and dependencies, and their programs (nvidia-smi,
-nvidia-ctk, the container hook, ...) behave like the real ones for what the roles use while
-saying plainly that they are stand-ins (see packages.py for the catalogue, files/ for them).
+On a machine with no GPU and no access to NVIDIA's or Grafana's repositories, the test bed runs
+gpufleet's roles unchanged against Debian 12 containers; only the repository URLs point at this
+mirror. Its packages carry the real names, versions and dependencies, and their programs
+(nvidia-smi, nvidia-ctk, the container hook, grafana-server, ...) behave like the real ones for
+what the roles use while saying plainly that they are stand-ins (see packages.py for the
+catalogue, files/ for them).
 
 `build_mirror(out)` writes the mirror into `out`, to be served as-is by any static HTTP server at
 a base URL B (MirrorInfo's *_url methods give the roles' URLs under B):
@@ -12,6 +13,7 @@ a base URL B (MirrorInfo's *_url methods give the roles' URLs under B):
 - B/cuda/repos/{debian12,ubuntu2204,ubuntu2404}/x86_64/  flat, with cuda-keyring_1.1-1_all.deb
 - B/libnvidia-container/stable/deb/amd64/                 flat; B/libnvidia-container/gpgkey
 - B/testbed/debian/                                      flat; B/testbed/keyring.gpg
+- B/grafana/deb  stable main (dists/, pool/)             as apt.grafana.com; B/grafana/gpg.key
 
 All are signed by one throwaway key (repo.py). A build is cached by a hash of its inputs (this
 package's code and files, the kernel release, the key): an unchanged call returns in
@@ -39,7 +41,7 @@ __all__ = ["MirrorInfo", "StandinError", "build_mirror", "content_hash"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 STAMP = ".gpufleet-standin.json"  # in the mirror's root: the content hash it was built from
-OWNED = ("cuda", "libnvidia-container", "testbed")  # what a build replaces in the mirror's root
+OWNED = ("cuda", "libnvidia-container", "testbed", "grafana")  # what a build replaces in the mirror's root
 GNUPG_DIR = "standin-gnupg"
 LOCK = "standin.lock"
 FORMAT = "1"  # bump to rebuild every mirror when the layout changes in a way the sources do not show
@@ -81,6 +83,14 @@ class MirrorInfo:
 
     def testbed_keyring_url(self, base: str) -> str:
         return f"{base.rstrip('/')}/testbed/keyring.gpg"
+
+    def grafana_repo_url(self, base: str) -> str:
+        """For `deb [signed-by=...] URL stable main`, as https://apt.grafana.com is."""
+        return f"{base.rstrip('/')}/{catalogue.GRAFANA_REPO}"
+
+    def grafana_gpgkey_url(self, base: str) -> str:
+        """The signing key, ASCII-armored, as https://apt.grafana.com/gpg.key."""
+        return f"{base.rstrip('/')}/{catalogue.GRAFANA_KEY}"
 
 
 def _input_files() -> list[Path]:
@@ -136,10 +146,10 @@ def _build_debs(stage: Path, repositories: tuple[Repository, ...]) -> None:
         jobs = executor.map(lambda p, d: build_deb(p, d, scratch / d.name), unique, dests)
         built = dict(zip(unique, jobs, strict=True))
     for repo in repositories:
-        folder = stage / repo.path
-        folder.mkdir(parents=True, exist_ok=True)
         for package in repo.packages:
-            os.link(built[package], folder / package.filename)
+            target = stage / repo.path / repo.deb_path(package)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(built[package], target)
     shutil.rmtree(pool)
     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -148,8 +158,9 @@ def _build_tree(stage: Path, key: SigningKey, kernel_release: str) -> None:
     repositories = catalogue.repositories(key.public, kernel_release)
     _build_debs(stage, repositories)
     for repo in repositories:
-        write_repository(stage / repo.path, repo.packages, repo.label, key)
+        write_repository(stage / repo.path, repo, key)
     (stage / "libnvidia-container" / "gpgkey").write_bytes(key.armored)
+    (stage / catalogue.GRAFANA_KEY).write_bytes(key.armored)
     (stage / "testbed" / "keyring.gpg").write_bytes(key.public)
 
 

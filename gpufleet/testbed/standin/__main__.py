@@ -14,12 +14,12 @@ from gpufleet.testbed.standin import StandinError, build_mirror
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpufleet.testbed.standin",
-        description="Build the test bed's mirror of stand-in NVIDIA packages, to be served as-is over HTTP.",
+        description="Build the test bed's mirror of stand-in NVIDIA and Grafana packages, served as-is over HTTP.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build OUTDIR unless it is up to date")
-    build.add_argument("outdir", type=Path, help="the mirror's root (created; only its cuda/, libnvidia-container/ "
-                       "and testbed/ folders are replaced)")  # fmt: skip
+    build.add_argument("outdir", type=Path, help="the mirror's root (created; only its cuda/, libnvidia-container/, "
+                       "testbed/ and grafana/ folders are replaced)")  # fmt: skip
     build.add_argument("--kernel-release", help="for linux-headers-<R> (default: this machine's uname -r)")
     args = parser.parse_args(argv)
     started = time.monotonic()

@@ -1,17 +1,19 @@
-"""The catalogue of stand-in packages: NVIDIA's package names, versions and dependencies, gpufleet's contents.
+"""The catalogue of stand-in packages: NVIDIA's and Grafana's package names and versions, gpufleet's contents.
 
 Each package carries the real name, version and (versioned) Depends of the package the roles
 install, so apt resolves, pins and upgrades them exactly as on a real host; the files are
 stand-ins from files/ (templates with @NAME@ placeholders, filled in per version here). Nothing
 in this module runs a tool: debs.py builds the .debs, repo.py the repositories.
 
-Three repositories (`repositories()`), laid out under the mirror's root as NVIDIA's are under
-theirs, so a role's URLs change only in their base:
+Four repositories (`repositories()`), laid out under the mirror's root as NVIDIA's and Grafana's
+are under theirs, so a role's URLs change only in their base:
 - cuda/repos/<distro>/x86_64: the driver (two versions, for pin and upgrade tests), its pinning
   package, the CUDA toolkit and cuda-keyring (whose list file points at NVIDIA's real URL, as the
   real one does: a role must replace it to use a mirror);
 - libnvidia-container/stable/deb/amd64: the container toolkit (two versions);
-- testbed/debian: Debian packages the test bed's hosts lack (linux-headers-<uname -r>).
+- testbed/debian: Debian packages the test bed's hosts lack (linux-headers-<uname -r>);
+- grafana/deb: suite `stable`, component `main`, as apt.grafana.com (dists/ and pool/, not flat):
+  `grafana`, whose server is a stand-in speaking the part of Grafana's HTTP API gpufleet uses.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ CUDA_KEYRING_PATH = "/usr/share/keyrings/cuda-archive-keyring.gpg"
 FLAVOURS = {"nvidia-kernel-open-dkms": "open", "nvidia-kernel-dkms": "proprietary"}
 STANDIN_LIB = "/usr/lib/gpufleet-standin"
 
+GRAFANA_VERSION = "12.2.1"  # a real Grafana release; its deb's version has no Debian revision
+GRAFANA_REPO = "grafana/deb"  # under the mirror's root, as https://apt.grafana.com is
+GRAFANA_SUITE = "stable"
+GRAFANA_COMPONENT = "main"
+GRAFANA_KEY = "grafana/gpg.key"  # ASCII-armored, as https://apt.grafana.com/gpg.key
+GRAFANA_HOME = "/usr/share/grafana"
+GRAFANA_PREFIX = "gpufleet STAND-IN for the test bed (not Grafana: no UI, no database, no alerting): "
+
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 _PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9.+-]+$")
 
@@ -78,6 +88,7 @@ class Package:
     replaces: tuple[str, ...] = ()
     files: tuple[FileEntry, ...] = ()
     scripts: tuple[tuple[str, bytes], ...] = ()  # maintainer scripts: (postinst|prerm|..., text)
+    prefix: str = DESCRIPTION_PREFIX  # what the description starts with: what it stands in for
 
     @property
     def filename(self) -> str:
@@ -85,16 +96,45 @@ class Package:
 
     @property
     def description(self) -> str:
-        return DESCRIPTION_PREFIX + self.summary
+        return self.prefix + self.summary
 
 
 @dataclass(frozen=True)
 class Repository:
-    """A flat apt repository (`deb URL /`) at `path` below the mirror's root."""
+    """An apt repository at `path` below the mirror's root.
+
+    Flat (`deb URL /`: debs, Packages and Release side by side) unless `suite` is set; then laid
+    out as Debian's archives are (`deb URL SUITE COMPONENT`): dists/SUITE/Release (signed),
+    dists/SUITE/COMPONENT/binary-ARCH/Packages, and the debs in pool/COMPONENT/<initial>/<name>/.
+    """
 
     path: str
     label: str
     packages: tuple[Package, ...]
+    suite: str | None = None
+    component: str = "main"
+    architecture: str = "amd64"
+
+    @property
+    def flat(self) -> bool:
+        return self.suite is None
+
+    def deb_path(self, package: Package) -> str:
+        """Where the package's deb lies, relative to the repository's root (its Packages Filename, less ./)."""
+        if self.flat:
+            return package.filename
+        initial = package.name[:4] if package.name.startswith("lib") else package.name[0]
+        return f"pool/{self.component}/{initial}/{package.name}/{package.filename}"
+
+    @property
+    def release_dir(self) -> str:
+        """Where Release, InRelease and Release.gpg lie, relative to the repository's root."""
+        return "" if self.flat else f"dists/{self.suite}"
+
+    @property
+    def index_dir(self) -> str:
+        """Where Packages and Packages.gz lie, relative to release_dir."""
+        return "" if self.flat else f"{self.component}/binary-{self.architecture}"
 
 
 def upstream(version: str) -> str:
@@ -346,6 +386,44 @@ def headers_package(release: str) -> Package:
     )
 
 
+# --- Grafana ----------------------------------------------------------------------------------------
+
+
+def grafana_package() -> Package:
+    """grafana: the real package's layout where the monitoring role touches it, around a stand-in server.
+
+    /usr/share/grafana/bin/grafana is the stand-in (files/grafana, Python); the unit, the
+    defaults file, the wrappers and the maintainer scripts follow the real package's. As the real
+    one, the package creates the grafana user and its folders and does not start the service.
+    """
+    version = GRAFANA_VERSION
+    readme = (
+        f"gpufleet STAND-IN for Grafana {version} (test bed only; never install it on a real host).\n"
+        "bin/grafana is a small Python program that serves the part of Grafana's HTTP API gpufleet uses\n"
+        "(health, data sources, dashboards, search, /api/ds/query against Prometheus) from the provisioning\n"
+        "files. It has no UI, no database, no alerting and no CLI; the admin's password is the configured one.\n"
+    )
+    return Package(
+        "grafana",
+        version,
+        f"Grafana {version}: a server that speaks the HTTP API gpufleet uses, from provisioning files",
+        section="default",
+        depends=("adduser", "python3"),
+        prefix=GRAFANA_PREFIX,
+        files=(
+            _program(f"{GRAFANA_HOME}/bin/grafana", "grafana", GRAFANA_VERSION=version),
+            FileEntry(f"{GRAFANA_HOME}/README.standin", readme.encode()),
+            _program("/usr/sbin/grafana-server", "grafana-server", GRAFANA_HOME=GRAFANA_HOME),
+            _program("/usr/sbin/grafana-cli", "grafana-cli", GRAFANA_HOME=GRAFANA_HOME),
+            FileEntry("/usr/sbin/grafana", link=f"{GRAFANA_HOME}/bin/grafana"),
+            FileEntry("/lib/systemd/system/grafana-server.service", render("grafana-server.service")),
+            FileEntry("/etc/default/grafana-server", render("grafana-server.default"), conffile=True),
+            FileEntry("/etc/grafana/grafana.ini", render("grafana.ini", GRAFANA_VERSION=version), conffile=True),
+        ),
+        scripts=(("postinst", render("grafana.postinst", GRAFANA_VERSION=version)), ("prerm", render("grafana.prerm"))),
+    )
+
+
 def repositories(keyring: bytes, kernel_release: str) -> tuple[Repository, ...]:
     """Every repository of the mirror, with its packages; `keyring` is the signing key (binary)."""
     cuda = tuple(
@@ -358,4 +436,6 @@ def repositories(keyring: bytes, kernel_release: str) -> tuple[Repository, ...]:
         tuple(package for version in TOOLKIT_VERSIONS for package in toolkit_packages(version)),
     )
     testbed = Repository("testbed/debian", "gpufleet test bed", (headers_package(kernel_release),))
-    return (*cuda, toolkit, testbed)
+    grafana = Repository(GRAFANA_REPO, "gpufleet stand-in Grafana", (grafana_package(),), suite=GRAFANA_SUITE,
+                         component=GRAFANA_COMPONENT)  # fmt: skip
+    return (*cuda, toolkit, testbed, grafana)

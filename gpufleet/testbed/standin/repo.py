@@ -1,12 +1,12 @@
-"""Flat apt repositories: the signing key, Packages/Release indexes, InRelease and Release.gpg.
+"""apt repositories, flat or with dists/: the signing key, Packages/Release indexes, InRelease and Release.gpg.
 
 The key is a throwaway made once per cache (<cache>/standin-gnupg, a private GNUPGHOME: the
 user's ~/.gnupg is never read or written), without a passphrase, so builds sign in batch mode.
 It signs nothing but the test bed's mirror, and says so in its user ID.
 
 The indexes are written here rather than by apt-ftparchive (apt-utils) so that the mirror needs
-only dpkg-deb and gpg: the catalogue already knows every control field, and a flat repository's
-Release is just hashes of two files.
+only dpkg-deb and gpg: the catalogue already knows every control field, and a Release is just
+hashes of two files (Packages, Packages.gz; with a dists/ layout, under COMPONENT/binary-ARCH/).
 """
 
 from __future__ import annotations
@@ -15,16 +15,15 @@ import gzip
 import hashlib
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpufleet.testbed.standin.debs import control_fields, run_tool
-from gpufleet.testbed.standin.packages import Package, StandinError
+from gpufleet.testbed.standin.packages import Package, Repository, StandinError
 
 KEY_UID = "gpufleet test bed mirror (stand-in packages, not NVIDIA)"
 ORIGIN = "gpufleet test bed"
-RELEASE_DESCRIPTION = "gpufleet STAND-IN packages for the test bed (no GPU, no NVIDIA software)"
+RELEASE_DESCRIPTION = "gpufleet STAND-IN packages for the test bed (no GPU; not NVIDIA's or Grafana's software)"
 INDEXES = ("Packages", "Packages.gz")
 HASHES = (("MD5Sum", "md5"), ("SHA256", "sha256"), ("SHA512", "sha512"))
 SOCKET_PATH_MAX = 100  # gpg-agent's socket lives in the home; AF_UNIX paths stop at 107 bytes
@@ -97,11 +96,11 @@ def ensure_key(home: Path) -> SigningKey:
 # --- indexes ----------------------------------------------------------------------------------------
 
 
-def packages_stanza(package: Package, deb: bytes) -> str:
-    """The deb's Packages entry: its control fields plus where it is and its hashes (flat: ./name)."""
+def packages_stanza(package: Package, deb: bytes, filename: str | None = None) -> str:
+    """The deb's Packages entry: its control fields plus where it is (default flat: ./name) and its hashes."""
     fields = control_fields(package)
     location = [
-        ("Filename", f"./{package.filename}"),
+        ("Filename", filename or f"./{package.filename}"),
         ("Size", str(len(deb))),
         ("MD5sum", hashlib.md5(deb).hexdigest()),
         ("SHA256", hashlib.sha256(deb).hexdigest()),
@@ -110,28 +109,44 @@ def packages_stanza(package: Package, deb: bytes) -> str:
     return "".join(f"{name}: {value}\n" for name, value in ordered)
 
 
-def write_packages(repo: Path, packages: Sequence[Package]) -> None:
-    """Packages and Packages.gz for the debs already in `repo`, sorted by name then version (newest first)."""
-    ordered = sorted(packages, key=lambda package: package.name)  # stable: catalogue order keeps newest first
-    text = "\n".join(packages_stanza(package, (repo / package.filename).read_bytes()) for package in ordered)
-    (repo / "Packages").write_text(text, encoding="utf-8")
-    (repo / "Packages.gz").write_bytes(gzip.compress(text.encode(), mtime=0))
+def write_packages(root: Path, repo: Repository) -> Path:
+    """Packages and Packages.gz for the debs already under `root`, sorted by name then version (newest first).
+
+    Returns the folder they went to (the root, or dists/SUITE/COMPONENT/binary-ARCH).
+    """
+    ordered = sorted(repo.packages, key=lambda package: package.name)  # stable: catalogue order keeps newest first
+    stanzas = []
+    for package in ordered:
+        where = repo.deb_path(package)
+        stanzas.append(packages_stanza(package, (root / where).read_bytes(), f"./{where}" if repo.flat else where))
+    text = "\n".join(stanzas)
+    folder = root / repo.release_dir / repo.index_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "Packages").write_text(text, encoding="utf-8")
+    (folder / "Packages.gz").write_bytes(gzip.compress(text.encode(), mtime=0))
+    return folder
 
 
-def release_text(repo: Path, label: str, now: float | None = None) -> str:
-    """A flat repository's Release: who, when, and the hashes of the indexes apt fetches."""
+def release_text(root: Path, repo: Repository, now: float | None = None) -> str:
+    """The Release: who, when, and the hashes of the indexes apt fetches (paths relative to the Release).
+
+    A flat repository's names no suite; a dists/ one names its suite (as Suite and Codename, as
+    apt.grafana.com does), component and architecture, which apt checks against the sources line.
+    """
     date = time.strftime("%a, %d %b %Y %H:%M:%S UTC", time.gmtime(now))
-    lines = [
-        f"Origin: {ORIGIN}",
-        f"Label: {label}",
-        "Architectures: amd64 all",
-        f"Date: {date}",
-        f"Description: {RELEASE_DESCRIPTION}",
-    ]
+    lines = [f"Origin: {ORIGIN}", f"Label: {repo.label}"]
+    if repo.flat:
+        lines.append("Architectures: amd64 all")
+    else:
+        lines += [f"Suite: {repo.suite}", f"Codename: {repo.suite}", f"Architectures: {repo.architecture}",
+                  f"Components: {repo.component}"]  # fmt: skip
+    lines += [f"Date: {date}", f"Description: {RELEASE_DESCRIPTION}"]
+    release_dir = root / repo.release_dir
+    indexes = [f"{repo.index_dir}/{name}" if repo.index_dir else name for name in INDEXES]
     for field_name, algorithm in HASHES:
         lines.append(f"{field_name}:")
-        for name in INDEXES:
-            data = (repo / name).read_bytes()
+        for name in indexes:
+            data = (release_dir / name).read_bytes()
             lines.append(f" {hashlib.new(algorithm, data).hexdigest()} {len(data):>8} {name}")
     return "\n".join(lines) + "\n"
 
@@ -146,8 +161,9 @@ def sign_release(repo: Path, key: SigningKey) -> None:
         what="signing Release.gpg")  # fmt: skip
 
 
-def write_repository(repo: Path, packages: Sequence[Package], label: str, key: SigningKey) -> None:
-    """Indexes and signatures for a folder that already holds the packages' debs."""
-    write_packages(repo, packages)
-    (repo / "Release").write_text(release_text(repo, label), encoding="utf-8")
-    sign_release(repo, key)
+def write_repository(root: Path, repo: Repository, key: SigningKey) -> None:
+    """Indexes and signatures for the repository at `root`, whose debs are already in place."""
+    write_packages(root, repo)
+    release_dir = root / repo.release_dir
+    (release_dir / "Release").write_text(release_text(root, repo), encoding="utf-8")
+    sign_release(release_dir, key)
