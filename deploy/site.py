@@ -13,3 +13,4 @@ host_manifest.apply()
 local.include("deploy/gpu.py")  # GPU hosts: driver, CUDA, Docker, container toolkit
 local.include("deploy/serving.py")  # GPU hosts: the engine containers
 local.include("deploy/gateway.py")  # gateway hosts: nginx with API keys and limits
+local.include("deploy/monitoring.py")  # exporters everywhere; Prometheus, Alertmanager, Grafana on monitoring hosts

@@ -57,6 +57,7 @@ def fail_host(message: str) -> FunctionCommand:
 
 
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # of no bytes at all
+APT_LISTS_MAX_AGE_S = 86400  # a host whose lists are older (or missing: a fresh monitoring host) refreshes them
 APT_LOCK_WAIT = "/etc/apt/apt.conf.d/50gpufleet-lock-timeout"
 
 
@@ -265,7 +266,7 @@ def packaged_service(
         changed_configs.append(files.put(name=f"{service}: {path}", src=StringIO(text), dest=path, mode="644"))
     arguments = files.put(name=f"{service}: arguments", src=StringIO(f'ARGS="{shlex.join(args)}"\n'),
                           dest=f"/etc/default/{service}", mode="644")
-    apt.packages(name=package, packages=[package], no_recommends=True)
+    apt.packages(name=package, packages=[package], no_recommends=True, update=True, cache_time=APT_LISTS_MAX_AGE_S)
     systemd.service(name=f"{service} running", service=service, running=True, enabled=True)
     first = f"{check} && " if check else ""
     config_changed = any_changed(*changed_configs) if changed_configs else (lambda: False)
@@ -273,3 +274,17 @@ def packaged_service(
                  _if=arguments.did_change)
     server.shell(name=f"{service}: reload for new configuration", commands=[f"{first}systemctl reload {service}"],
                  _if=lambda: config_changed() and not arguments.did_change())
+
+
+@operation()
+def generated_secret(dest: str, user: str = "root", group: str = "root", mode: str = "600") -> Iterator[str]:
+    """A random secret made on the host once (never sent over the wire, never printed); kept on re-runs."""
+    attributes = host.get_fact(File, path=dest)
+    quoted = shlex.quote(dest)
+    if attributes is None:
+        yield (f"umask 077 && head -c 32 /dev/urandom | base64 | tr -d '/+=\\n' | head -c 32 > {quoted}.tmp "
+               f"&& mv {quoted}.tmp {quoted}")
+    if attributes is None or (attributes.get("mode"), attributes.get("user"), attributes.get("group")) != (
+        int(mode), user, group
+    ):
+        yield f"chown {user}:{group} {quoted} && chmod {mode} {quoted}"

@@ -49,6 +49,7 @@ from gpufleet.monitoring.dashboards_promql import (
     expand,
     increase,
     matches,
+    or_zero,
     quantile,
     rate,
     ratio,
@@ -169,7 +170,8 @@ def slo_overview(ctx: Context) -> dict[str, Any]:
                     "or vector(0)", "paging")], above(1), width=6, height=6),
         table("Firing alerts by name", "Each firing alert with its severity, host and model; the runbooks "
               "(runbooks/<alert>.md) say what to do.", "none",
-              [Query(f"count by (alertname, severity, host, model_name) ({FIRING})", "{{alertname}}")], height=6),
+              [Query(or_zero(f"count by (alertname, severity, host, model_name) ({FIRING})"), "{{alertname}}")],
+              height=6),
     ]
     for model in ctx.slos:
         panels += model_panels(ctx, model)
@@ -318,7 +320,7 @@ def gpus(ctx: Context) -> dict[str, Any]:
                    [Query(f"{series(gpu.CLOCK_EVENT)} == 1", f"{per_gpu} {{{{reason}}}}")], width=8, min_=0),
         row("Errors"),
         timeseries("XID errors", "XID events the driver reported, by code, per rate interval.", "none",
-                   [Query(sum_by(["host", "gpu", "xid"], increase(series(gpu.XID_ERRORS))),
+                   [Query(or_zero(sum_by(["host", "gpu", "xid"], increase(series(gpu.XID_ERRORS)))),
                           f"{per_gpu} XID {{{{xid}}}}")],
                    width=6, min_=0),
         timeseries("ECC errors (volatile)", "ECC memory errors since the driver was loaded; uncorrected ones page "
@@ -372,7 +374,7 @@ def gateway(ctx: Context) -> dict[str, Any]:
                    "reqps", [Query(sum_by(["status"], rate(requests)), "{{status}}")], min_=0, stack=True),
         timeseries("429/s by client", "Requests refused with 429 per second, by API key's client name: per-key "
                    "rate and connection limits, or the gateway's concurrency cap.", "reqps",
-                   [Query(sum_by(["client"], rate(selector(gwlog.REQUESTS, eq("status", "429"), *on))),
+                   [Query(or_zero(sum_by(["client"], rate(selector(gwlog.REQUESTS, eq("status", "429"), *on)))),
                           "{{client}}")], min_=0),
         timeseries("5xx ratio", "Share of requests answered 5xx, per gateway and model. Red line: each gateway's "
                    f"slo.max_error_rate ({_by_value(gateways, _percent)}; GatewayErrorRatioHigh).", RATIO,

@@ -50,6 +50,12 @@ def increase(series: str, window: str = RATE_INTERVAL) -> str:
     return f"increase({series}[{window}])"
 
 
+def or_zero(expr: str) -> str:
+    """`expr`, or a single 0 when it has no series: an event that has not happened reads 0, not "No data"
+    (which would look the same as a broken query or a missing exporter)."""
+    return f"{expr} or on() vector(0)"
+
+
 def sum_by(labels: Sequence[str], expr: str) -> str:
     return f"sum by ({', '.join(labels)}) ({expr})"
 

@@ -43,9 +43,8 @@ KV_CACHE_OLD = "vllm:gpu_cache_usage_perc"  # vLLM <= 0.10
 ENGINE_METRICS = (TTFT, ITL, E2E, GENERATION_TOKENS, REQUEST_SUCCESS, WAITING, KV_CACHE)  # the simulator's too
 
 # The gateway's requests by HTTP status, with the model it serves as `model_name`. nginx's
-# stub_status has no status codes, so this comes from its JSON access log, by an exporter that does
-# not exist yet (monitoring/README.md, "The gateway's status codes"): until then the rules and
-# alerts that read it have no input and stay quiet.
+# stub_status has no status codes, so this comes from its JSON access log, by `gpufleet
+# gateway-exporter` on each gateway host (gpufleet/gatewaylog, roles/gateway_exporter).
 GATEWAY_REQUESTS = "gpufleet_gateway_requests_total"
 NGINX_UP = "nginx_up"
 
@@ -305,11 +304,12 @@ def engine_alerts(ctx: Context) -> list[Rule]:
     t = ctx.thresholds
     return [
         ctx.alert(
-            "EngineDown", f'up{{job="{JOB_ENGINE}"}} == 0', for_="5m", severity="page", component="engine",
+            "EngineDown", f'up{{job="{JOB_ENGINE}"}} == 0', for_=duration(t.engine_down_for_s), severity="page",
+            component="engine",
             summary="Engine {{ $labels.instance }} on {{ $labels.host }} is down",
             description="Prometheus has not reached the engine's /metrics at {{ $labels.instance }} on "
-            "{{ $labels.host }} for 5 minutes (longer than a model load): the instance is stopped, crashed "
-            "or restarting, and the gateways send its share of requests to the others.",
+            f"{{{{ $labels.host }}}} for {_spoken(t.engine_down_for_s)} (longer than a model load): the instance is "
+            "stopped, crashed or restarting, and the gateways send its share of requests to the others.",
         ),
         ctx.alert(
             "EngineKvCacheHigh", f"({KV_CACHE} or {KV_CACHE_OLD})\n> {t.kv_cache_ratio:g}", for_="10m",
@@ -493,6 +493,23 @@ def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
 
 
 _Dumper.add_representer(str, _str)
+
+
+def duration(seconds: int) -> str:
+    """Prometheus' duration for a whole number of seconds: 5m, 90s, 2h."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _spoken(seconds: int) -> str:
+    """5 minutes, 90 seconds, 1 hour."""
+    for unit, size in (("hour", 3600), ("minute", 60), ("second", 1)):
+        if seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    raise AssertionError("unreachable")
 
 
 def dump_yaml(data: Any) -> str:

@@ -366,6 +366,10 @@ class AlertThresholds(Section):
     gateway_limited_ratio: float = Field(
         gt=0, le=1, description="share of gateway requests answered 429 above which GatewayRateLimitRatioHigh fires"
     )
+    engine_down_for_s: int = Field(
+        ge=1, description="seconds an engine's /metrics must fail before EngineDown pages; longer than a model load "
+        "and a container restart"
+    )
     host_memory_ratio: float = Field(gt=0, le=1, description="host memory in use above which HostMemoryHigh fires")
     disk_free_ratio: float = Field(
         gt=0, lt=1, description="free share of a filesystem below which HostDiskSpaceLow fires"

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 from gpufleet.apikeys import add_api_key
 from gpufleet.errors import ConfigError
 from gpufleet.fleet import Fleet, FleetHost, load_fleet
+from gpufleet.monitoring.targets import endpoints
 from gpufleet.paths import REPO_ROOT
 from gpufleet.schema.units import parse_listen
 from gpufleet.testbed import hosts as testbed
@@ -67,6 +68,36 @@ def gateway_ports(fleet: Fleet) -> dict[str, list[int]]:
     return ports
 
 
+def host_networks(fleet: Fleet) -> dict[str, testbed.HostNetwork]:
+    """Test bed host name -> how it is reached: monitoring hosts on this machine's network, the hosts
+    they scrape at a loopback address of their own with the scraped ports published there.
+
+    Prometheus then reaches `ansible_host:port` exactly as on a real fleet (the monitoring host's
+    /etc/hosts names each host's loopback address), and no traffic crosses Docker's bridge.
+    Raises ValueError for a layout the test bed cannot build (a monitoring host that runs engines).
+    """
+    docker_hosts = [h for h in fleet.hosts if h.config.ansible_connection == "docker"]
+    scrapers = [h for h in docker_hosts if h.in_group("monitoring")]
+    if not scrapers:
+        return {}
+    for scraper in scrapers:
+        if scraper.plan is not None:
+            raise ValueError(f"{scraper.name}: on the test bed a monitoring host shares this machine's network and "
+                             "cannot run a nested Docker; put the monitoring role on a host of its own")
+    scraped: dict[str, set[int]] = {}
+    for endpoint in endpoints(docker_hosts):
+        if not endpoint.host.in_group("monitoring"):
+            scraped.setdefault(endpoint.host.name, set()).add(endpoint.port)
+    loopbacks = {h.name: testbed.loopback_address(_host_name(h)) for h in docker_hosts if h.name in scraped}
+    names = tuple((h.config.ansible_host or h.name, loopbacks[h.name]) for h in docker_hosts if h.name in loopbacks)
+    networks = {_host_name(h): testbed.HostNetwork(host_network=True, extra_hosts=names) for h in scrapers}
+    for host in docker_hosts:
+        if host.name in loopbacks:
+            networks[_host_name(host)] = testbed.HostNetwork(loopback=loopbacks[host.name],
+                                                             ports=tuple(sorted(scraped[host.name])))
+    return networks
+
+
 def ensure_api_keys(fleet: Fleet, client: str = "testbed") -> list[Path]:
     """A keys file with one key for each gateway keys file the inventory names but lacks (0600)."""
     made = []
@@ -102,7 +133,8 @@ def up(inventory: Path) -> list[testbed.TestbedHost]:
     for path in ensure_api_keys(fleet):
         log(f"created {path} with a key for client 'testbed' (gpufleet keys add to add more)")
     mirror = prepare_mirror(cache_dir() / "mirror", sim_image=True, inventory=inventory)
-    started = testbed.start_hosts(list(wanted), mirror_dir=mirror, gpus=wanted, publish=gateway_ports(fleet))
+    started = testbed.start_hosts(list(wanted), mirror_dir=mirror, gpus=wanted, publish=gateway_ports(fleet),
+                                  networks=host_networks(fleet))
     for host in started:
         for port in gateway_ports(fleet).get(host.name, []):
             log(f"{host.name}: gateway port {port} is http://127.0.0.1:{host.published(port)}")
@@ -130,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
-    except (ImageError, StandinError, testbed.HostError) as exc:
+    except (ImageError, StandinError, testbed.HostError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import io
 import os
 import re
@@ -83,6 +84,29 @@ _HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$")
 
 class HostError(RuntimeError):
     """A test bed host could not be started, reached or removed; the message says what and what to do."""
+
+
+@dataclass(frozen=True)
+class HostNetwork:
+    """How a host's ports reach the other test bed hosts without any address but loopback's.
+
+    The test bed's traffic stays on loopback (DESIGN.md): a host that others scrape publishes
+    those ports at the same numbers on a loopback address of its own (`loopback`, e.g.
+    127.100.7.42), and a monitoring host shares this machine's network (`host_network`), where
+    `extra_hosts` name those addresses as the inventory's `ansible_host`s. No host reaches another
+    through Docker's bridge.
+    """
+
+    loopback: str | None = None
+    ports: tuple[int, ...] = ()  # published at loopback:port
+    host_network: bool = False
+    extra_hosts: tuple[tuple[str, str], ...] = ()  # (name, address) in /etc/hosts
+
+
+def loopback_address(name: str) -> str:
+    """A loopback address of this machine for a host, stable for its name (127.100.0.0/16)."""
+    digest = hashlib.sha256(container_name(name).encode()).digest()
+    return f"127.100.{digest[0]}.{digest[1] % 254 + 1}"
 
 
 @dataclass(frozen=True)
@@ -222,7 +246,9 @@ def _prepare_host_dir(name: str, gpus: Sequence[pci.SimulatedGpu]) -> Path:
 # --- starting one host -----------------------------------------------------------------------
 
 
-def _run_options(name: str, folder: Path, mirror_dir: Path | None, publish: Sequence[int] = ()) -> list[str]:
+def _run_options(
+    name: str, folder: Path, mirror_dir: Path | None, publish: Sequence[int] = (), network: HostNetwork | None = None
+) -> list[str]:
     """`docker create` options: what systemd, a nested Docker and the simulated GPUs need, no more.
 
     Not --privileged: CAP_SYS_ADMIN (mounts: systemd's, cgroups, overlayfs for the nested Docker)
@@ -235,7 +261,7 @@ def _run_options(name: str, folder: Path, mirror_dir: Path | None, publish: Sequ
         "--name", container_name(name), "--hostname", name,
         "--label", f"{TESTBED_LABEL}=1", "--label", f"{HOST_LABEL}={name}",
         "--restart", "unless-stopped",
-        "--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN",
+        "--cap-add", "SYS_ADMIN",
         "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
         "--cgroupns", "private",
         "--tmpfs", "/run:rw,nosuid,nodev,mode=755,size=256m",
@@ -250,6 +276,14 @@ def _run_options(name: str, folder: Path, mirror_dir: Path | None, publish: Sequ
         options += ["--volume", f"{mirror_dir}:{MIRROR_MOUNT}:ro"]
     for port in publish:  # e.g. the gateway's port, on a free port of this machine's loopback only
         options += ["--publish", f"127.0.0.1::{port}"]
+    return options + _network_options(network or HostNetwork())
+
+
+def _network_options(network: HostNetwork) -> list[str]:
+    # this machine's network has no nested Docker bridge: no CAP_NET_ADMIN there (the others need it for theirs)
+    options = ["--network", "host"] if network.host_network else ["--cap-add", "NET_ADMIN"]
+    options += [arg for port in network.ports for arg in ("--publish", f"{network.loopback}:{port}:{port}")]
+    options += [arg for name, address in network.extra_hosts for arg in ("--add-host", f"{name}:{address}")]
     return options
 
 
@@ -284,14 +318,15 @@ def _copy_into(container: str, tar: bytes) -> None:
 
 
 def _start_host(
-    name: str, image: str, gpus: Sequence[pci.SimulatedGpu], mirror_dir: Path | None, publish: Sequence[int] = ()
+    name: str, image: str, gpus: Sequence[pci.SimulatedGpu], mirror_dir: Path | None, publish: Sequence[int] = (),
+    network: HostNetwork | None = None,
 ) -> TestbedHost:
     """Create, seed and start one host, and wait until its systemd is up."""
     container = container_name(name)
     folder = _prepare_host_dir(name, gpus)
     labels = ["--label", f"{TESTBED_LABEL}=1", "--label", f"{HOST_LABEL}={name}"]
     _docker("volume", "create", *labels, _volume_name(name), what=f"{name}: docker volume create")
-    _docker("create", *_run_options(name, folder, mirror_dir, publish), image, what=f"{name}: docker create")
+    _docker("create", *_run_options(name, folder, mirror_dir, publish, network), image, what=f"{name}: docker create")
     _copy_into(container, _seed_files(gpus, mirror_dir))
     _docker("start", container, what=f"{name}: docker start")
     host = TestbedHost(name=name, container=container, gpus=len(gpus))
@@ -366,6 +401,7 @@ def start_hosts(
     memory_mib: int = DEFAULT_MEMORY_MIB,
     pci_device: int | None = None,
     publish: Mapping[str, Sequence[int]] | None = None,
+    networks: Mapping[str, HostNetwork] | None = None,
 ) -> list[TestbedHost]:
     """Start one host per name, in parallel, each booted to systemd "running"; in the order given.
 
@@ -373,7 +409,7 @@ def start_hosts(
     gateway). `pci_device` overrides the PCI device ID pci.KNOWN_GPUS has for `gpu_name`.
     `mirror_dir` (the stand-in package mirror) is mounted read-only; None starts hosts without it.
     `publish` lists, per name, ports of the host published on free ports of 127.0.0.1 (see
-    `TestbedHost.published`).
+    `TestbedHost.published`); `networks` how a host is reached by the others (HostNetwork).
     On any failure every host of this call is removed before HostError is raised.
     """
     names = list(names)
@@ -400,7 +436,8 @@ def start_hosts(
     workers = ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="testbed-host")
     try:
         futures = {
-            name: workers.submit(_start_host, name, image, specs[name], mirror_dir, (publish or {}).get(name, ()))
+            name: workers.submit(_start_host, name, image, specs[name], mirror_dir, (publish or {}).get(name, ()),
+                                 (networks or {}).get(name))
             for name in names
         }
         workers.shutdown(wait=True)
@@ -448,6 +485,7 @@ def testbed_hosts(
     memory_mib: int = DEFAULT_MEMORY_MIB,
     pci_device: int | None = None,
     publish: Mapping[str, Sequence[int]] | None = None,
+    networks: Mapping[str, HostNetwork] | None = None,
 ) -> Iterator[list[TestbedHost]]:
     """start_hosts() for a `with` block: the hosts are removed when it ends, however it ends.
 
@@ -455,7 +493,7 @@ def testbed_hosts(
     """
     started = start_hosts(
         names, mirror_dir=mirror_dir, gpus=gpus, gpu_name=gpu_name, memory_mib=memory_mib, pci_device=pci_device,
-        publish=publish,
+        publish=publish, networks=networks,
     )
     try:
         yield started

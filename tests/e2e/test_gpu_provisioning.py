@@ -37,21 +37,28 @@ TOOLKIT = "1.19.1-1"
 RUN_TIMEOUT_S = 1500
 
 
-def make_inventory(root: Path, names: list[str], gateway: bool = False) -> Path:
+def make_inventory(root: Path, names: list[str], gateway: bool = False, monitoring: str | None = None) -> Path:
     """inventories/local with these host names (test-unique, so parallel runs do not collide).
 
     With `gateway`, the hosts are gateways too (as in inventories/local), with a fresh keys file.
+    `monitoring` names a monitoring host to add (as mon-01 in inventories/local).
     """
     shutil.copytree(LOCAL_INVENTORY, root, ignore=shutil.ignore_patterns("secrets"))
     lines = ["all:", "  vars:", "    ansible_connection: docker", "  children:", "    gpu:", "      hosts:"]
     lines += [f"        {name}: {{ansible_host: {testbed.container_name(name)}}}" for name in names]
     if gateway:
         lines += ["    gateway:", "      hosts:", *[f"        {name}:" for name in names]]
+    if monitoring:
+        lines += ["    monitoring:", "      hosts:", f"        {monitoring}: {{ansible_host: "
+                  f"{testbed.container_name(monitoring)}}}"]
     (root / "hosts.yml").write_text("\n".join(lines) + "\n")
+    # group_vars of a group hosts.yml does not define is refused
+    if not gateway:
+        (root / "group_vars" / "gateway.yml").unlink()
+    if not monitoring:
+        (root / "group_vars" / "monitoring.yml").unlink()
     if gateway:
         ensure_api_keys(load_fleet(root, check_secrets=False), client="e2e")
-    else:  # group_vars of a group hosts.yml does not define is refused
-        (root / "group_vars" / "gateway.yml").unlink()
     return root / "inventory.py"
 
 

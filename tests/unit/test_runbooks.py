@@ -57,13 +57,14 @@ def test_runbooks_state_the_alerts_severity() -> None:
             assert (f"**{severity}**" in header) == (severity in severities), f"{name}: {severity}"
 
 
-def test_alerts_on_a_metric_nothing_exports_yet_say_so() -> None:
+def test_alerts_on_the_gateway_log_name_the_exporter_that_feeds_them() -> None:
     pages = runbook_pages()
     for name, rules in alerts().items():
         reads_gateway_log = any(GATEWAY_REQUESTS in rule["expr"] for rule in rules)
         reads_it_via_slo = name == "SloAvailabilityBurnRate"
-        noted = "Input not yet exported" in pages[name]
-        assert noted == (reads_gateway_log or reads_it_via_slo), name
+        named = "`gpufleet gateway-exporter`" in pages[name] and "job `gpufleet-gateway`" in pages[name]
+        assert named == (reads_gateway_log or reads_it_via_slo), name
+        assert "not yet exported" not in pages[name].lower(), name
 
 
 def test_the_index_lists_exactly_the_alerts_with_their_severities() -> None:
