@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv test test-unit test-integration test-e2e images lint plan validate docs testbed-up testbed-down provision serve rollout demo demo-down bench clean
+.PHONY: help setup venv test test-unit test-integration test-e2e images lint plan validate docs testbed-up testbed-down provision serve monitoring rollout demo demo-down bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,7 +44,7 @@ validate: venv ## validate the example fleet, secrets included
 docs: venv ## regenerate docs/configuration.md from the schema
 	$(BIN)/python -m gpufleet.docs_gen > docs/configuration.md
 
-testbed-up: setup ## start the test bed hosts of inventories/local (systemd containers, simulated GPUs, stand-in mirror)
+testbed-up: setup ## start the test bed hosts of inventories/local (2 simulated GPU hosts, a monitoring host, stand-in mirror)
 	$(BIN)/python -m gpufleet.testbed up inventories/local
 
 testbed-down: setup ## remove the test bed hosts of inventories/local
@@ -56,6 +56,9 @@ provision: setup ## converge the test bed hosts with deploy/gpu.py (driver, CUDA
 serve: setup ## start the engines (the simulator) and their nginx gateway on the provisioned test bed hosts
 	$(BIN)/pyinfra -y inventories/local/inventory.py deploy/serving.py
 	$(BIN)/pyinfra -y inventories/local/inventory.py deploy/gateway.py
+
+monitoring: setup ## exporters on every test bed host; Prometheus, Alertmanager, Grafana on mon-01 (after serve)
+	$(BIN)/pyinfra -y inventories/local/inventory.py deploy/monitoring.py
 
 rollout: setup ## rolling update of the test bed's engines to the inventory's current spec (deploy/rollout.py)
 	$(BIN)/pyinfra -y inventories/local/inventory.py deploy/rollout.py

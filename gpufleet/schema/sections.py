@@ -402,6 +402,11 @@ class Monitoring(Section):
     ports: MonitoringPorts = Field(description="ports of the monitoring services and exporters")
     alerts: AlertThresholds = Field(description="alert thresholds beyond the SLOs")
     grafana: GrafanaSource = Field(description="where the monitoring hosts install Grafana from")
+    runbook_base_url: str | None = Field(
+        default=None, pattern=r"^https?://\S+$",
+        description="where on-call engineers read the runbooks, e.g. your wiki's or repository's runbooks/ URL; "
+        "every alert's runbook_url is <this>/<AlertName>.md. null: the repository path runbooks/",
+    )
 
     @field_validator("listen_address", "exporter_address")
     @classmethod

@@ -21,6 +21,7 @@ from gpufleet.errors import ConfigError
 from gpufleet.fleet import Fleet, FleetHost, load_fleet
 from gpufleet.monitoring.targets import endpoints
 from gpufleet.paths import REPO_ROOT
+from gpufleet.planner.reach import host_port
 from gpufleet.schema.units import parse_listen
 from gpufleet.testbed import hosts as testbed
 from gpufleet.testbed import images
@@ -63,7 +64,7 @@ def gateway_ports(fleet: Fleet) -> dict[str, list[int]]:
     """Test bed host name -> the gateway port to publish on this machine's loopback (gateway hosts)."""
     ports: dict[str, list[int]] = {}
     for fleet_host in fleet.hosts:
-        if fleet_host.config.ansible_connection == "docker" and fleet_host.config.gateway is not None:
+        if fleet_host.config.ansible_connection == "docker" and fleet_host.gateway is not None:
             ports[_host_name(fleet_host)] = [parse_listen(fleet_host.config.gateway.listen)[1]]
     return ports
 
@@ -98,11 +99,19 @@ def host_networks(fleet: Fleet) -> dict[str, testbed.HostNetwork]:
     return networks
 
 
+def monitoring_urls(fleet_host: FleetHost) -> list[str]:
+    """Where a test bed monitoring host's services answer on this machine (it shares its network)."""
+    monitoring = fleet_host.config.monitoring
+    ports = monitoring.ports
+    return [f"{name} http://{host_port(monitoring.listen_address, port)}" for name, port in
+            (("Prometheus", ports.prometheus), ("Alertmanager", ports.alertmanager), ("Grafana", ports.grafana))]
+
+
 def ensure_api_keys(fleet: Fleet, client: str = "testbed") -> list[Path]:
     """A keys file with one key for each gateway keys file the inventory names but lacks (0600)."""
     made = []
     for fleet_host in fleet.hosts:
-        if fleet_host.config.gateway is None:
+        if fleet_host.gateway is None:
             continue
         path = fleet.root / fleet_host.config.gateway.api_keys_file
         if not path.exists():
@@ -138,6 +147,8 @@ def up(inventory: Path) -> list[testbed.TestbedHost]:
     for host in started:
         for port in gateway_ports(fleet).get(host.name, []):
             log(f"{host.name}: gateway port {port} is http://127.0.0.1:{host.published(port)}")
+    for fleet_host in fleet.in_group("monitoring"):
+        log(f"{fleet_host.name}: after deploy/site.py, {', '.join(monitoring_urls(fleet_host))}")
     log(f"test bed up: {', '.join(h.container for h in started)}; "
         f"now: pyinfra -y {inventory}/inventory.py deploy/site.py")
     return started

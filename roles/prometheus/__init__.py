@@ -14,7 +14,7 @@ from pyinfra.api import deploy
 from gpufleet.hostops import packaged_service
 from gpufleet.monitoring.prometheus_config import render_prometheus
 from gpufleet.monitoring.render import source_name
-from gpufleet.monitoring.rules import render_rules
+from gpufleet.monitoring.rules import RUNBOOK_BASE, render_rules
 from gpufleet.planner.reach import host_port
 
 PACKAGE = "prometheus"
@@ -34,8 +34,9 @@ def apply() -> None:
         f"--storage.tsdb.retention.time={monitoring.retention_days}d",
         f"--web.listen-address={host_port(monitoring.listen_address, monitoring.ports.prometheus)}",
     ]
+    runbooks = (monitoring.runbook_base_url or RUNBOOK_BASE).rstrip("/")
     configs = {
-        RULES: render_rules(fleet, source=source),
+        RULES: render_rules(fleet, source=source, runbook_base=runbooks),
         CONFIG: render_prometheus(fleet, fleet_host.name, [RULES], source),
     }
     packaged_service(PACKAGE, args, configs, check=f"promtool check config {CONFIG} >/dev/null")
