@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from gpufleet.cli.sim_cmd import _positive_int
+from gpufleet.listen import parse_listen_flag
 
 DEFAULT_LISTEN = "127.0.0.1:9835"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -57,12 +58,7 @@ def _positive_seconds(text: str) -> float:
 
 def parse_listen(text: str) -> tuple[str, int]:
     """('127.0.0.1', 9835) from '127.0.0.1:9835', ('::1', 9835) from '[::1]:9835'; ValueError if malformed."""
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"--listen {text!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN} or [::1]:9835")
-    return host, int(port_text)
+    return parse_listen_flag(text, DEFAULT_LISTEN)
 
 
 def parse_gpu_list(text: str) -> tuple[int, ...]:

@@ -18,6 +18,8 @@ import signal
 import threading
 from collections.abc import Sequence
 
+from gpufleet.listen import parse_listen_flag
+
 DEFAULT_LOG = "/var/log/nginx/gpufleet-access.log"  # roles/gateway's GatewayPaths.access_log
 DEFAULT_LISTEN = "127.0.0.1:9145"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -29,17 +31,8 @@ DESCRIPTION = (
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """('127.0.0.1', 9145) from '127.0.0.1:9145', ('::1', 9145) from '[::1]:9145'; ValueError if malformed.
-
-    The same rules as `gpufleet exporter --listen` (gpufleet/cli/exporter_cmd.py), which cannot be
-    imported here (see the module's docstring).
-    """
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"--listen {text!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN} or [::1]:9145")
-    return host, int(port_text)
+    """('127.0.0.1', 9145) from '127.0.0.1:9145', ('::1', 9145) from '[::1]:9145'; ValueError if malformed."""
+    return parse_listen_flag(text, DEFAULT_LISTEN)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

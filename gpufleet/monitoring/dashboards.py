@@ -70,11 +70,12 @@ from gpufleet.monitoring.rules import (
     REQUEST_SUCCESS,
     TTFT,
     WAITING,
+    bare,
     rule_groups,
     slis,
 )
 from gpufleet.monitoring.slo import BURN_WINDOWS, ModelSlo, model_slos
-from gpufleet.monitoring.thresholds import ACTIONABLE_XIDS, THROTTLE_REASONS, fleet_thresholds
+from gpufleet.monitoring.thresholds import ACTIONABLE_XIDS, THROTTLE_REASONS, fleet_thresholds, gpu_memory_limit
 from gpufleet.schema.sections import AlertThresholds
 
 __all__ = ["DASHBOARD_UIDS", "dashboards", "expand", "gpu_memory_limits", "panel_queries"]
@@ -193,7 +194,7 @@ def model_panels(ctx: Context, model: ModelSlo) -> list[Panel]:
         return selector(ctx.recorded(record), this)
 
     def percentile(metric: str, q: float) -> str:
-        return rec(f"model_name:{_bare(metric)}:p{q * 100:g}_rate5m")
+        return rec(f"model_name:{bare(metric)}:p{q * 100:g}_rate5m")
 
     bucket_note = {"ttft": model.ttft.note(), "itl": model.itl.note()}
     e2e = above(slo.e2e_p99_ms / 1000) if slo.e2e_p99_ms else Thresholds()
@@ -223,7 +224,7 @@ def model_panels(ctx: Context, model: ModelSlo) -> list[Panel]:
         timeseries("Output tokens/s", f"Tokens {name}'s engines generate per second, all instances together. "
                    f"Red below slo.min_output_tokens_per_s ({slo.min_output_tokens_per_s:g}): the throughput the "
                    "service must sustain at the load test's load, so less at light traffic is no fault.",
-                   TOKENS_PER_S, [Query(rec(f"model_name:{_bare(GENERATION_TOKENS)}:rate5m"), "tokens/s")],
+                   TOKENS_PER_S, [Query(rec(f"model_name:{bare(GENERATION_TOKENS)}:rate5m"), "tokens/s")],
                    below(slo.min_output_tokens_per_s), width=8, min_=0),
         timeseries("Gateway 5xx ratio", f"Share of the gateways' requests for {name} answered 5xx over 5 minutes "
                    f"(the access-log exporter). Red line: slo.max_error_rate, {_percent(slo.max_error_rate)}.",
@@ -237,7 +238,7 @@ def model_panels(ctx: Context, model: ModelSlo) -> list[Panel]:
         timeseries("Goodput", f"Requests per second for {name} whose first token came within slo.ttft_p99_ms "
                    f"({_ms(slo.ttft_p99_ms)}), next to all finished requests per second.", "reqps",
                    [Query(rec("model_name:gpufleet_goodput_requests:rate5m"), "goodput"),
-                    Query(rec(f"model_name:{_bare(REQUEST_SUCCESS)}:rate5m"), "finished")], width=8, min_=0),
+                    Query(rec(f"model_name:{bare(REQUEST_SUCCESS)}:rate5m"), "finished")], width=8, min_=0),
         timeseries("Error-budget burn rate (1h)", f"Each SLO's bad-event ratio over the last hour divided by its "
                    "budget (1 - objective; availability from slo.availability_target "
                    f"{slo.availability_target:g}, latency objectives 99%). 1 spends the 30-day budget in 30 days"
@@ -249,22 +250,12 @@ def model_panels(ctx: Context, model: ModelSlo) -> list[Panel]:
     ]
 
 
-def _bare(metric: str) -> str:
-    """As rules.py names its recording rules: no colons, no _total."""
-    return metric.replace(":", "_").removesuffix("_total")
-
-
 # ---- GPUs -------------------------------------------------------------------------------------------
 
 
 def gpu_memory_limits(fleet: Fleet, thresholds: AlertThresholds) -> dict[str, float]:
-    """Each GPU host's GpuMemoryHigh limit: the seed's ratio, or the engines' planned share plus the
-    margin where that is higher (rules.gpu_alerts; the unit tests check the two agree)."""
-    return {
-        host.name: round(max(thresholds.gpu_memory_ratio,
-                             host.config.serving.gpu_memory_utilization + thresholds.gpu_memory_margin), 4)
-        for host in fleet.hosts if host.plan is not None
-    }
+    """Each GPU host's GpuMemoryHigh limit, as the alert has it."""
+    return {host.name: gpu_memory_limit(host, thresholds) for host in fleet.hosts if host.plan is not None}
 
 
 def gpus(ctx: Context) -> dict[str, Any]:

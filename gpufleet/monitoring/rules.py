@@ -24,7 +24,7 @@ from gpufleet.exporter import metrics as gpu
 from gpufleet.fleet import Fleet
 from gpufleet.monitoring.jobs import JOB_ENGINE, JOB_GATEWAY, JOB_GPU_EXPORTER, JOB_NGINX, JOB_NODE
 from gpufleet.monitoring.slo import BURN_WINDOWS, LATENCY_OBJECTIVE, SLI_WINDOWS, ModelSlo, model_slos
-from gpufleet.monitoring.thresholds import ACTIONABLE_XIDS, THROTTLE_REASONS, fleet_thresholds
+from gpufleet.monitoring.thresholds import ACTIONABLE_XIDS, THROTTLE_REASONS, fleet_thresholds, gpu_memory_limit
 from gpufleet.schema.sections import AlertThresholds
 
 # runbook_url is `<base>/<AlertName>.md`; by default the page's path in this repository
@@ -131,13 +131,13 @@ def serving_records() -> list[Rule]:
     for metric, rate in histograms:
         for q in QUANTILES:
             rules.append({
-                "record": f"model_name:{_bare(metric)}:p{q * 100:g}_rate5m",
+                "record": f"model_name:{bare(metric)}:p{q * 100:g}_rate5m",
                 "expr": f"histogram_quantile({q:g}, sum by (model_name, le) ({rate}))",
             })
     rules += [
-        {"record": f"model_name:{_bare(GENERATION_TOKENS)}:rate5m",
+        {"record": f"model_name:{bare(GENERATION_TOKENS)}:rate5m",
          "expr": f"sum by (model_name) (rate({GENERATION_TOKENS}[5m]))"},
-        {"record": f"model_name:{_bare(REQUEST_SUCCESS)}:rate5m",
+        {"record": f"model_name:{bare(REQUEST_SUCCESS)}:rate5m",
          "expr": f"sum by (model_name) (rate({REQUEST_SUCCESS}[5m]))"},
         {"record": "model_name:gpufleet_gateway_requests_errors:ratio_rate5m",
          "expr": _ratio(f'rate({GATEWAY_REQUESTS}{{status=~"5.."}}[5m])', f"rate({GATEWAY_REQUESTS}[5m])")},
@@ -147,7 +147,7 @@ def serving_records() -> list[Rule]:
     return rules
 
 
-def _bare(metric: str) -> str:
+def bare(metric: str) -> str:
     """A metric name as the middle part of a recording rule's name: no colons, no _total."""
     return metric.replace(":", "_").removesuffix("_total")
 
@@ -360,8 +360,7 @@ def gpu_alerts(ctx: Context) -> list[Rule]:
     by_limit: dict[float, list[tuple[str, float]]] = {}
     for host in gpu_hosts:
         share = host.config.serving.gpu_memory_utilization
-        limit = round(max(t.gpu_memory_ratio, share + t.gpu_memory_margin), 4)
-        by_limit.setdefault(limit, []).append((host.name, share))
+        by_limit.setdefault(gpu_memory_limit(host, t), []).append((host.name, share))
     for limit, members in by_limit.items():
         shares = sorted({share for _, share in members})
         if limit == t.gpu_memory_ratio:

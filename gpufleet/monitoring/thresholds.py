@@ -10,7 +10,7 @@ NVIDIA's GPUs, not settings.
 from __future__ import annotations
 
 from gpufleet.errors import ConfigError, Problem
-from gpufleet.fleet import Fleet
+from gpufleet.fleet import Fleet, FleetHost
 from gpufleet.schema.sections import AlertThresholds
 
 # XID codes that need an operator (NVIDIA's XID catalogue; docs/exporter.md): 48 double-bit ECC,
@@ -41,3 +41,10 @@ def fleet_thresholds(fleet: Fleet) -> AlertThresholds:
                 fix="set monitoring.alerts once, in group_vars/monitoring.yml",
             )])
     return chosen
+
+
+def gpu_memory_limit(host: FleetHost, thresholds: AlertThresholds) -> float:
+    """A GPU host's GpuMemoryHigh limit: the seed's ratio, or, where the engines are planned above it
+    (vLLM takes its whole share at start-up), their planned share plus the margin."""
+    share = host.config.serving.gpu_memory_utilization
+    return round(max(thresholds.gpu_memory_ratio, share + thresholds.gpu_memory_margin), 4)

@@ -14,13 +14,17 @@ import pytest
 from gpufleet.cli.main import build_parser, main
 from gpufleet.gatewaylog import cli
 
+# the gpufleet modules the exporter may import besides its own package (all are in the zipapp)
+OWN = ("gpufleet", "gpufleet.listen", "gpufleet.gatewaylog")
+
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "gpufleet" / "gatewaylog"
 
 # Runs in a fresh interpreter: every import outside the standard library, prometheus_client,
-# the `gpufleet` package's own __init__ and gpufleet.gatewaylog fails, as it would in the zipapp.
+# the `gpufleet` package's own __init__, gpufleet.listen and gpufleet.gatewaylog fails, as it would
+# in the zipapp. (Keep the names in step with OWN.)
 ISOLATED = textwrap.dedent(
     """
     import importlib.abc, sys, tempfile, os
@@ -30,7 +34,8 @@ ISOLATED = textwrap.dedent(
             top = name.partition(".")[0]
             if top in sys.stdlib_module_names or top == "prometheus_client":
                 return None
-            if name == "gpufleet" or name == "gpufleet.gatewaylog" or name.startswith("gpufleet.gatewaylog."):
+            own = ("gpufleet", "gpufleet.listen", "gpufleet.gatewaylog")
+            if name in own or name.startswith("gpufleet.gatewaylog."):
                 return None
             raise ModuleNotFoundError(f"not in the zipapp: {name}")
 
@@ -63,7 +68,7 @@ def test_the_package_runs_with_only_the_standard_library_and_prometheus_client()
     assert result.returncode == 0, result.stderr
     loaded = result.stdout.strip().splitlines()[-1].split()
     assert "gpufleet.gatewaylog.follower" in loaded and "gpufleet.gatewaylog.collector" in loaded
-    assert all(name == "gpufleet" or name.startswith("gpufleet.gatewaylog") for name in loaded), loaded
+    assert all(name in OWN or name.startswith("gpufleet.gatewaylog") for name in loaded), loaded
 
 
 def _imports(path: Path) -> set[str]:
@@ -85,7 +90,7 @@ def test_every_module_imports_only_what_the_zipapp_has() -> None:
             top = name.partition(".")[0]
             assert (
                 top in sys.stdlib_module_names or top in ("__future__", "prometheus_client")
-                or name == "gpufleet.gatewaylog" or name.startswith("gpufleet.gatewaylog.")
+                or name in OWN or name.startswith("gpufleet.gatewaylog.")
             ), f"{path.relative_to(REPO)} imports {name}"
 
 
