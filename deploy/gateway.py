@@ -7,7 +7,8 @@ deploy/serving.py first so the instances answer. Run from the repository root.
 
 from pyinfra import host
 
+from gpufleet.hostops import runs_systemd
 from roles import gateway
 
-if host.data.gpufleet.in_group("gateway"):
+if host.data.gpufleet.in_group("gateway") and runs_systemd():
     gateway.apply()

@@ -8,16 +8,18 @@ to scrape (deploy/site.py runs them all in order). Run from the repository root.
 
 from pyinfra import host
 
+from gpufleet.hostops import runs_systemd
 from roles import alertmanager, gateway_exporter, gpu_exporter, grafana, nginx_exporter, node_exporter, prometheus
 
 fleet_host = host.data.gpufleet
-node_exporter.apply()
-if fleet_host.in_group("gpu"):
-    gpu_exporter.apply()
-if fleet_host.in_group("gateway"):
-    nginx_exporter.apply()
-    gateway_exporter.apply()
-if fleet_host.in_group("monitoring"):
-    prometheus.apply()
-    alertmanager.apply()
-    grafana.apply()
+if runs_systemd():
+    node_exporter.apply()
+    if fleet_host.in_group("gpu"):
+        gpu_exporter.apply()
+    if fleet_host.in_group("gateway"):
+        nginx_exporter.apply()
+        gateway_exporter.apply()
+    if fleet_host.in_group("monitoring"):
+        prometheus.apply()
+        alertmanager.apply()
+        grafana.apply()

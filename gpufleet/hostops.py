@@ -288,3 +288,26 @@ def generated_secret(dest: str, user: str = "root", group: str = "root", mode: s
         int(mode), user, group
     ):
         yield f"chown {user}:{group} {quoted} && chmod {mode} {quoted}"
+
+
+# systemd -------------------------------------------------------------------------------------
+
+SYSTEMD_CHECK = "test -d /run/systemd/system && echo systemd || echo none"
+
+
+@operation()
+def systemd_is_init() -> Iterator[Any]:
+    """Fail the host, saying so, when systemd is not its init: the services are systemd units."""
+    if host.get_fact(Command, command=SYSTEMD_CHECK) != "systemd":
+        yield fail_host(
+            "this host does not run systemd as its init (PID 1), and gpufleet's services are systemd units\n"
+            "  fix: deploy to a host booted with systemd (a container needs it as its entrypoint)"
+        )
+
+
+def runs_systemd() -> bool:
+    """True when systemd is the host's init; otherwise a failing `systemd_is_init` step is added instead."""
+    if host.get_fact(Command, command=SYSTEMD_CHECK) == "systemd":
+        return True
+    systemd_is_init(name="systemd runs the services")
+    return False

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
+from gpufleet.hostops import SYSTEMD_CHECK
 from tests.integration.conftest import EXAMPLE, gpufleet, pyinfra
 
 
@@ -22,8 +24,9 @@ def _local_fleet(tmp_path: Path) -> Path:
 
 
 def _local_monitoring_host(tmp_path: Path) -> Path:
-    """This machine as a monitoring host: site.py's GPU roles skip it (they need systemd, which a
-    CI container lacks; tests/e2e/test_gpu_provisioning.py runs them on systemd host containers)."""
+    """This machine as a monitoring host: site.py's GPU roles skip it, and its monitoring roles need
+    systemd, which a CI container lacks (tests/e2e/test_monitoring.py runs them on systemd host
+    containers)."""
     root = _local_fleet(tmp_path)
     (root / "group_vars" / "gpu.yml").unlink()
     hosts = "all:\n  children:\n    monitoring:\n      hosts:\n        mon-01: {ansible_connection: local}\n"
@@ -72,3 +75,7 @@ def test_site_deploy_plans_the_host_manifest_on_a_local_host(tmp_path: Path):
     output = result.err + result.out
     assert "host manifest | host manifest" in output
     assert "[@local] Ready: deploy/site.py" in output
+    # without systemd as init, the services are not planned; a step that fails the host says why
+    init = subprocess.run(["sh", "-c", SYSTEMD_CHECK], capture_output=True, text=True).stdout.strip()
+    assert ("systemd runs the services" in output) == (init != "systemd")
+    assert ("prometheus" in output) == (init == "systemd")
