@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from gpufleet.fleet import load_fleet
 from gpufleet.paths import REPO_ROOT
 from gpufleet.testbed import hosts as testbed
 from gpufleet.testbed.bed import prepare_mirror
@@ -76,13 +77,14 @@ def test_each_seed_layout_deploys_with_its_gpus_and_limits(served, layout: str, 
     deploy(inventory, "serving.py")
     found = engines(host)
     assert sorted(found) == [f"gpufleet-engine-{i}" for i in range(len(gpus))]  # stale instances removed
+    listen = load_fleet(inventory.parent, check_secrets=False).host(host.name).config.engine.listen_address
     for index, expected in enumerate(gpus):
         info = found[f"gpufleet-engine-{index}"]
         assert gpu_env(info) == expected
         hc = info["HostConfig"]
         assert hc["Memory"] == hc["MemorySwap"] == 2 * 1024**3 and hc["NanoCpus"] == 10**9
         assert hc["PidsLimit"] == 1024 and hc["ShmSize"] == 256 * 1024**2
-        assert hc["PortBindings"]["8000/tcp"] == [{"HostIp": "127.0.0.1", "HostPort": str(8000 + index)}]
+        assert hc["PortBindings"]["8000/tcp"] == [{"HostIp": listen, "HostPort": str(8000 + index)}]
         # read on the host: `docker exec` into a non-root container fails in nested Docker (runc's setns)
         limits = host.exec("sh", "-c", container_limits_script(info["Id"]))
         assert testbed.parse_cgroup_limits(limits.stdout) == {"memory_bytes": 2 * 1024**3, "cpus": 1.0, "pids": 1024}
