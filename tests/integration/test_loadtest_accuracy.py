@@ -1,0 +1,235 @@
+"""The Locust users against a real simulator: every token's timing checked against what the server wrote.
+
+The simulator (`gpufleet sim serve`, its own process on 127.0.0.1, API key required) logs when it
+finished writing each token (`/admin/token-log`, CLOCK_MONOTONIC); the users stamp reads with
+perf_counter, the same clock on this host. Locust runs as users run it: `locust -f
+loadtests/locustfile.py --headless ...` in a subprocess, its raw records written by the master
+(`--gpufleet-records-file`).
+
+- accuracy: 64 OpenAIChatUsers in one Locust process for 15 s; p99 of |measured - server-written|
+  within 2 ms for TTFT and for ITL (the issue's acceptance). The simulator and Locust run on
+  CPUs of their own, as a load generator should: on the 2-vCPU development VM the simulator's
+  frontend spins through the last millisecond before each token, and unpinned, the scheduler now
+  and then puts Locust on its CPU, where both lose milliseconds (docs/loadtest.md, "Timing");
+- distributed: `--processes 2` (a master and two workers); the master holds every record, exactly
+  the requests the simulator finished. The simulator stops stepping after N requests
+  (`--hang-after-requests`), so no request can finish while Locust stops its users: the count
+  is exact, not raced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+import gpufleet.sim
+from gpufleet.loadtest.calibration import StealWatch, TimingErrors, compare, percentile
+from gpufleet.loadtest.record import RequestRecord
+from tests.integration.gateway_harness import HOST, SimProcess, running_sims
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+LOCUST = Path(sys.executable).parent / "locust"
+LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
+BOUND_MS = 2.0
+SIM_LAG_BOUND_MS = 1.0
+TRIES = 5
+MAX_DISTURBED = 0.5
+
+
+def key_file(folder: Path) -> Path:
+    path = folder / "api.key"
+    path.write_text("sk-gf-loadtest-accuracy-0123456789abcdef\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def no_eos_profile(folder: Path, **changes: object) -> Path:
+    """The bench profile without EOS, with `changes`: every answer runs to max_tokens (an answer
+    that is only an EOS has no text, a failure, which would fail Locust's exit code)."""
+    profile = yaml.safe_load((Path(gpufleet.sim.__file__).parent / "profiles" / "bench.yml").read_text())
+    path = folder / "bench-no-eos.yml"
+    path.write_text(yaml.safe_dump(profile | {"name": "bench-no-eos", "eos_probability": 0.0, **changes}))
+    return path
+
+
+def even_profile(folder: Path, streams: int, itl_s: float) -> Path:
+    """Every step `itl_s` long, its `streams` tokens released evenly across it (a token every itl_s/streams).
+
+    A known schedule without idle gaps: on a VM, a vCPU that idles for milliseconds halts, and
+    waking it is the hypervisor's business (0.2 ms at p50, 1.5 ms at p99, 8 ms at worst after
+    16 ms idle on the development VM: docs/loadtest.md), which the comparison would charge to the
+    load generator. With a token every ~0.3 ms neither process idles long enough for that.
+    """
+    return no_eos_profile(folder, decode_s={1: itl_s}, step_overhead_s=0.0, kv_read_s_per_token=0.0,
+                          request_overhead_s=0.002, frontend_token_s=itl_s / streams * 0.98)
+
+
+def cpus() -> tuple[set[int], set[int]]:
+    """One CPU for the simulator (and this test), another for Locust; all for both on a 1-CPU machine."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return ({allowed[0]}, {allowed[1]}) if len(allowed) > 1 else (set(allowed), set(allowed))
+
+
+def pin(sim: SimProcess, sim_cpus: set[int]) -> None:
+    """The simulator's threads and this process on `sim_cpus`."""
+    for task in Path(f"/proc/{sim.proc.pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), sim_cpus)
+    os.sched_setaffinity(0, sim_cpus)
+
+
+def run_locust(folder: Path, sim: SimProcess, key: Path, *args: str, timeout: float = 120,
+               on_cpus: set[int] | None = None) -> list[RequestRecord]:
+    """`locust --headless` against `sim` (on `on_cpus`); the master's raw records (it must exit 0: no failure)."""
+    records = folder / "records.jsonl"
+    command = [str(LOCUST), "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--host", f"http://{sim.server}",
+               "--gpufleet-api-key-file", str(key), "--gpufleet-records-file", str(records), *args]
+    allowed = on_cpus or os.sched_getaffinity(0)
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=lambda: os.sched_setaffinity(0, allowed))
+    output = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"locust exited {proc.returncode}:\n{output}"
+    assert records.exists(), output
+    return [RequestRecord.from_dict(json.loads(line)) for line in records.read_text().splitlines()]
+
+
+@dataclass
+class Measurement:
+    records: list[RequestRecord]
+    errors: TimingErrors
+    sim_lag_p99_ms: float  # the simulator's own lateness behind its schedule, outside stolen moments
+    disturbed: float  # the share of the run's 0.1 s intervals in which the hypervisor stole a used CPU
+
+    @property
+    def valid(self) -> bool:
+        return self.sim_lag_p99_ms <= SIM_LAG_BOUND_MS and self.disturbed <= MAX_DISTURBED
+
+
+def measure_64_streams(folder: Path) -> Measurement:
+    """64 OpenAIChatUsers for 15 s, Locust and the simulator on CPUs of their own."""
+    folder.mkdir()
+    key = key_file(folder)
+    # 20 ms between a stream's tokens (50 tokens/s each), 3,200 tokens/s in all
+    flags = ("--profile", str(even_profile(folder, 64, 0.020)), "--api-key-file", str(key),
+             "--token-log-tokens", "5000000")
+    own = os.sched_getaffinity(0)
+    sim_cpus, locust_cpus = cpus()
+    with running_sims(folder, 1, *flags) as (sim,):
+        pin(sim, sim_cpus)
+        try:
+            with StealWatch(sim_cpus | locust_cpus) as steal:
+                records = run_locust(folder, sim, key, "-u", "64", "-r", "64", "-t", "15s", "--gpufleet-max-tokens",
+                                     "64", on_cpus=locust_cpus)
+        finally:
+            os.sched_setaffinity(0, own)
+        log = sim.token_log()
+    lags = [(w - s) * 1e3 for entry in log.values() for w, s in zip(entry["written"], entry["scheduled"], strict=True)
+            if not any(start <= w <= end for start, end in steal.windows)]
+    return Measurement(records, compare([r for r in records if r.ok], log, exclude=steal.windows),
+                       percentile(lags, 99), steal.disturbed_share)
+
+
+def test_64_streams_are_timed_within_2_ms_of_the_server(tmp_path: Path) -> None:
+    """The issue's acceptance: p99 |measured - server-written| <= 2 ms for TTFT and ITL at 64 streams.
+
+    The tokens come evenly (`even_profile`), so neither process idles long enough for the VM to
+    halt its vCPU. Other load on the host still takes a vCPU away for milliseconds now and then
+    (steal time, in bursts of seconds on the development VM), and what arrives meanwhile is
+    stamped late by any client. So the samples of the 0.1 s intervals in which the hypervisor
+    stole either CPU are left out (calibration.StealWatch; counted in `excluded`), and a
+    measurement counts only where at least half the run was left alone and the simulator kept
+    its own schedule otherwise (p99 write lag within 1 ms, its benchmarked capability); else it
+    is repeated (5 tries).
+    """
+    for attempt in range(1, TRIES + 1):
+        run = measure_64_streams(tmp_path / f"try-{attempt}")
+        summary = run.errors.summary()
+        print(f"\ntry {attempt}: {len(run.records)} requests, simulator write lag p99 {run.sim_lag_p99_ms:.2f} ms, "
+              f"steal in {run.disturbed:.0%} of the run: {json.dumps(summary, indent=1)}")
+        if run.valid:
+            break
+    else:
+        pytest.fail(f"the machine was too noisy to measure 2 ms {TRIES} times in a row (last try: the simulator's own "
+                    f"write lag p99 {run.sim_lag_p99_ms:.2f} ms (limit {SIM_LAG_BOUND_MS}), the hypervisor stole a "
+                    f"CPU in {run.disturbed:.0%} of the run (limit {MAX_DISTURBED:.0%})): run it on a quieter machine")
+    ok = [r for r in run.records if r.ok]
+    assert len(ok) == len(run.records) >= 400, f"{len(run.records)} records, {len(run.records) - len(ok)} failed"
+    assert all(r.status == 200 and r.usage_output_tokens == 64 and r.content_chunks for r in ok)
+    assert {r.worker for r in run.records} == {"local"}
+    assert run.errors.matched == len(ok) and run.errors.unmatched == run.errors.inconsistent == 0
+    assert summary["itl_ms"]["n"] >= 15_000 and summary["ttft_ms"]["n"] >= 200
+    assert summary["ttft_ms"]["p99_abs"] <= BOUND_MS, summary
+    assert summary["itl_ms"]["p99_abs"] <= BOUND_MS, summary
+
+
+def test_the_master_receives_every_record_of_two_workers(tmp_path: Path) -> None:
+    key = key_file(tmp_path)
+    finished = 300
+    flags = ("--profile", str(no_eos_profile(tmp_path)), "--api-key-file", str(key), "--hang-after-requests",
+             str(finished), "--token-log-tokens", "1000000")
+    with running_sims(tmp_path, 1, *flags) as (sim,):
+        records = run_locust(tmp_path, sim, key, "--processes", "2", "-u", "32", "-r", "32", "-t", "12s",
+                             "--gpufleet-max-tokens", "16", "--gpufleet-api", "openai-completions")
+        log = sim.token_log()
+    served = {request_id for request_id, entry in log.items() if entry["finish_reason"] in ("length", "stop")}
+    assert len(served) >= finished
+    assert all(r.ok and r.api == "openai-completions" for r in records)
+    ids = [r.extra["response_id"] for r in records]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == served  # every finished request, once, and nothing else
+    workers = {r.worker for r in records}
+    assert len(workers) == 2 and "local" not in workers
+    assert compare(records, log).matched == len(records)
+
+
+def test_a_wrong_key_fails_every_request_with_the_servers_message(tmp_path: Path) -> None:
+    key = key_file(tmp_path)
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("sk-gf-not-the-right-key-000000000000\n")
+    os.chmod(wrong, 0o600)
+    records_file = tmp_path / "records.jsonl"
+    with running_sims(tmp_path, 1, "--api-key-file", str(key)) as (sim,):
+        proc = subprocess.run(
+            [str(LOCUST), "-f", str(LOCUSTFILE), "--headless", "--only-summary", "--host", f"http://{HOST}:{sim.port}",
+             "--gpufleet-api-key-file", str(wrong), "--gpufleet-records-file", str(records_file), "-u", "2", "-r", "2",
+             "-t", "2s"],
+            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1  # Locust's exit code when requests failed
+    records = [RequestRecord.from_dict(json.loads(line)) for line in records_file.read_text().splitlines()]
+    assert records and all(r.status == 401 and r.error == "HTTP 401: Unauthorized" for r in records)
+    assert "HTTP 401: Unauthorized" in proc.stdout + proc.stderr  # Locust's failure table
+    assert "sk-gf-not-the-right-key" not in proc.stdout + proc.stderr
+
+
+def test_a_key_file_others_can_read_is_refused_before_any_request(tmp_path: Path) -> None:
+    key = key_file(tmp_path)
+    os.chmod(key, 0o644)
+    proc = subprocess.run(
+        [str(LOCUST), "-f", str(LOCUSTFILE), "--headless", "--host", f"http://{HOST}:9", "--gpufleet-api-key-file",
+         str(key), "-u", "1", "-t", "1s"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "is readable by others (mode 0644)" in proc.stderr and "chmod 600" in proc.stderr
+
+
+def test_tgi_users_stream_generate_stream(tmp_path: Path) -> None:
+    key = key_file(tmp_path)
+    flags = ("--api", "tgi", "--profile", str(no_eos_profile(tmp_path)), "--api-key-file", str(key))
+    with running_sims(tmp_path, 1, *flags) as (sim,):
+        records = run_locust(tmp_path, sim, key, "-u", "4", "-r", "4", "-t", "3s", "--gpufleet-max-tokens", "16",
+                             "TgiUser")
+    assert len(records) >= 8
+    for record in records:
+        assert record.ok and record.api == "tgi" and record.status == 200
+        assert record.usage_output_tokens == 16 == record.extra["text_events"]
+        assert record.extra["finish_reason"] == "length" and 1 <= record.content_chunks <= 16
+        assert record.ttft_s is not None and record.e2e_s is not None and record.e2e_s > record.ttft_s
+        assert len(record.itl_s) == record.content_chunks - 1
