@@ -1,27 +1,34 @@
-"""The hot path's two ends, without importing Locust: reading a streamed body and reporting a record.
+"""The users' hot path, without importing Locust: reading a streamed body, parsing it later, reporting it.
 
 `read_body` reads an HTTP response's body one `recv` at a time and stamps each read with
 `time.perf_counter()` the moment `recv` returns, before geventhttpclient parses the HTTP chunk
-framing and before the SSE is parsed. `report` turns one RequestRecord into Locust's request
-events. users.py uses both; they live here so unit tests can drive them with fakes (importing
-Locust would patch the test process with gevent).
+framing and before the SSE is parsed. `DeferredReads` keeps the stamped reads and the process's
+`IdleParser` parses them when nothing else is ready. `report` turns one RequestRecord into
+Locust's request events. users.py uses them; they live here so unit tests can drive them with
+fakes and gevent alone (importing Locust would patch the test process with gevent).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
+import gevent.event
 import gevent.socket
 from geventhttpclient.response import HTTPParseError
 
 from gpufleet.loadtest.record import RequestRecord
+from gpufleet.loadtest.sse import StreamInterpreter
 
 if TYPE_CHECKING:
     from geventhttpclient.response import HTTPSocketPoolResponse
+
+log = logging.getLogger(__name__)
 
 ERROR_BODY_LIMIT = 65536  # bytes of a non-200 body read for its error message
 READ_SIZE = 65536  # the most one recv may return; a read returns whatever has arrived
@@ -172,3 +179,122 @@ def report(fire: Callable[..., Any], record: RequestRecord, name: str, size: int
     tokens = record.output_tokens
     rate = tokens / record.e2e_s if record.e2e_s > 0 else 0.0
     fire(request_type="TOKENS", name=name, response_time=rate, response_length=tokens, exception=None, context={})
+
+
+# ---- parsing later --------------------------------------------------------------------------------
+
+
+Finish = Callable[[RequestRecord, int, float], None]  # (record, body bytes, perf_counter at its end)
+
+
+class DeferredReads:
+    """A stream's stamped reads, kept raw while streams are hot and parsed when the process is idle.
+
+    One load-generator process serves every stream, and a model's step releases a token to all of
+    them within a millisecond or two: each read's own work delays the reads queued behind it. So
+    a read only appends (bytes, time); the SSE and JSON parsing (~13 us an event) is done by the
+    process's one `IdleParser`, a slice at a time when gevent's loop has no ready socket. A
+    stream is handed to it when it ends (`close`) or, for long answers, once `BATCH` reads wait,
+    so memory stays bounded. Under saturation parsing waits, which delays the user's next
+    request, never a timestamp. The parser, not the user, builds the record and hands it to
+    `finish` (Locust's events, the collector), so a test that stops while records wait for their
+    parsing still gets them (`IdleParser.finish_all`).
+    """
+
+    BATCH = 256
+
+    __slots__ = ("closed", "done", "ended", "error", "finish", "interpreter", "parser", "pending", "queued", "record")
+
+    def __init__(self, interpreter: StreamInterpreter, finish: Finish, parser: IdleParser | None = None) -> None:
+        self.interpreter = interpreter
+        self.finish = finish
+        self.parser = parser if parser is not None else PARSER
+        self.pending: deque[tuple[bytes, float]] = deque()
+        self.queued = False  # in the parser's queue
+        self.closed = False  # the stream is over: the record follows its last parsed read
+        self.error: str | None = None  # what cut the stream off, if anything
+        self.ended = 0.0  # perf_counter when the stream ended
+        self.done = gevent.event.Event()
+        self.record: RequestRecord | None = None
+
+    def add(self, chunk: bytes, arrived: float) -> None:
+        self.pending.append((chunk, arrived))
+        if len(self.pending) >= self.BATCH and not self.queued:
+            self.parser.submit(self)
+
+    def close(self, error: str | None = None) -> RequestRecord:
+        """The stream is over (cut off by `error`, if given): its record, once parsed and finished."""
+        self.error = error
+        self.ended = time.perf_counter()
+        self.closed = True
+        if not self.queued:
+            self.parser.submit(self)
+        self.done.wait()
+        assert self.record is not None
+        return self.record
+
+    def parse_slice(self, size: int) -> bool:
+        """Feed up to `size` reads to the interpreter; True when none is left."""
+        feed, pending = self.interpreter.feed, self.pending
+        for _ in range(min(size, len(pending))):
+            chunk, arrived = pending.popleft()
+            feed(chunk, arrived)
+        return not pending
+
+    def complete(self) -> None:
+        """Everything is parsed and the stream closed: build the record and hand it on."""
+        self.record = self.interpreter.record(self.error)
+        try:
+            self.finish(self.record, self.interpreter.parser.bytes_read, self.ended)
+        finally:
+            self.done.set()
+
+
+class IdleParser:
+    """The process's parsing of deferred reads: one greenlet, one slice per idle moment of the loop.
+
+    One greenlet rather than one per stream: gevent runs every idle watcher that is due in the
+    same loop iteration, so 64 streams ending together would parse back to back without a look
+    at the sockets in between.
+    """
+
+    SLICE = 16  # reads per slice: ~0.2 ms of parsing between two looks at the sockets
+
+    def __init__(self) -> None:
+        self.queue: deque[DeferredReads] = deque()
+        self.greenlet: gevent.Greenlet | None = None
+
+    def submit(self, reads: DeferredReads) -> None:
+        reads.queued = True
+        self.queue.append(reads)
+        if self.greenlet is None or self.greenlet.dead:
+            self.greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        queue = self.queue
+        while queue:
+            gevent.idle()
+            if not queue:  # finish_all emptied it meanwhile
+                break
+            reads = queue[0]
+            if reads.parse_slice(self.SLICE):
+                self._done(queue.popleft())
+
+    def finish_all(self) -> None:
+        """Parse everything queued now, without waiting for idle moments (a test is stopping)."""
+        while self.queue:
+            reads = self.queue.popleft()
+            reads.parse_slice(len(reads.pending))
+            self._done(reads)
+
+    @staticmethod
+    def _done(reads: DeferredReads) -> None:
+        reads.queued = False
+        if reads.closed:
+            try:
+                reads.complete()
+            except Exception:  # a failing listener must not stop the parsing of the other streams
+                log.exception("finishing a request record failed")
+
+
+PARSER = IdleParser()

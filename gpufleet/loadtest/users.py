@@ -27,13 +27,11 @@ import logging
 import sys
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import gevent
-import gevent.event
 from geventhttpclient.response import HTTPParseError, HTTPSocketPoolResponse
 from geventhttpclient.url import URL
 from locust import FastHttpUser, constant, task
@@ -60,12 +58,11 @@ from gpufleet.loadtest.sse import (
     OPENAI_COMPLETIONS,
     TGI,
     RequestMeta,
-    StreamInterpreter,
     failed_record,
     http_error_message,
     interpreter_for,
 )
-from gpufleet.loadtest.stream_io import describe, read_body, read_error_body, report
+from gpufleet.loadtest.stream_io import PARSER, DeferredReads, describe, read_body, read_error_body, report
 
 log = logging.getLogger(__name__)
 
@@ -73,84 +70,6 @@ _SETTINGS: weakref.WeakKeyDictionary[Environment, Settings] = weakref.WeakKeyDic
 
 
 # ---- the users ------------------------------------------------------------------------------------
-
-
-class DeferredReads:
-    """A stream's stamped reads, kept raw while streams are hot and parsed when the process is idle.
-
-    One load-generator process serves every stream, and a model's step releases a token to all of
-    them within a millisecond or two: each read's own work delays the reads queued behind it. So
-    a read only appends (bytes, time); the SSE and JSON parsing (~13 us an event) is done by the
-    process's one `IdleParser`, a slice at a time when gevent's loop has no ready socket. A
-    stream is handed to it when it ends (`drain` waits for the result) or, for long answers, once
-    `BATCH` reads wait, so memory stays bounded. Under saturation parsing waits, which delays the
-    user's next request, never a timestamp.
-    """
-
-    BATCH = 256
-
-    __slots__ = ("done", "interpreter", "pending", "queued")
-
-    def __init__(self, interpreter: StreamInterpreter) -> None:
-        self.interpreter = interpreter
-        self.pending: deque[tuple[bytes, float]] = deque()
-        self.queued = False  # in the parser's queue
-        self.done: gevent.event.Event | None = None  # set when a drain's parsing is over
-
-    def add(self, chunk: bytes, arrived: float) -> None:
-        self.pending.append((chunk, arrived))
-        if len(self.pending) >= self.BATCH and not self.queued:
-            PARSER.submit(self)
-
-    def drain(self) -> None:
-        """Parse everything read so far; the interpreter is complete after it."""
-        self.done = gevent.event.Event()
-        if not self.queued:
-            PARSER.submit(self)
-        self.done.wait()
-
-    def parse_slice(self, size: int) -> bool:
-        """Feed up to `size` reads to the interpreter; True when none is left."""
-        feed, pending = self.interpreter.feed, self.pending
-        for _ in range(min(size, len(pending))):
-            chunk, arrived = pending.popleft()
-            feed(chunk, arrived)
-        return not pending
-
-
-class IdleParser:
-    """The process's parsing of deferred reads: one greenlet, one slice per idle moment of the loop.
-
-    One greenlet rather than one per stream: gevent runs every idle watcher that is due in the
-    same loop iteration, so 64 streams ending together would parse back to back without a look
-    at the sockets in between.
-    """
-
-    SLICE = 16  # reads per slice: ~0.2 ms of parsing between two looks at the sockets
-
-    def __init__(self) -> None:
-        self.queue: deque[DeferredReads] = deque()
-        self.greenlet: gevent.Greenlet | None = None
-
-    def submit(self, reads: DeferredReads) -> None:
-        reads.queued = True
-        self.queue.append(reads)
-        if self.greenlet is None or self.greenlet.dead:
-            self.greenlet = gevent.spawn(self._run)
-
-    def _run(self) -> None:
-        queue = self.queue
-        while queue:
-            gevent.idle()
-            reads = queue[0]
-            if reads.parse_slice(self.SLICE):
-                queue.popleft()
-                reads.queued = False
-                if reads.done is not None:
-                    reads.done.set()
-
-
-PARSER = IdleParser()
 
 
 class StreamingUser(FastHttpUser):
@@ -225,16 +144,18 @@ class StreamingUser(FastHttpUser):
                            step=self.step_at(start_epoch) if step is None else step, intended_epoch=intended_epoch,
                            expected_input_tokens=fields.expected_input_tokens,
                            expected_output_tokens=fields.expected_output_tokens, worker=self._worker)
-        record, size = self._exchange(self._base_path + path, payload, headers, meta)
-        report(self.environment.events.request.fire, record, PATHS[self.api], size, time.perf_counter() - sent)
+        return self._exchange(self._base_path + path, payload, headers, meta)
+
+    def finish(self, record: RequestRecord, size: int, ended: float) -> None:
+        """A finished request: Locust's events (`report`), then the run's records (collect.py)."""
+        elapsed = ended - float(record.extra["sent_perf_counter"])
+        report(self.environment.events.request.fire, record, PATHS[self.api], size, elapsed)
         collector = collect.collector_of(self.environment)
         if collector is not None:
             collector.add(record)
-        return record
 
-    def _exchange(self, path: str, payload: bytes, headers: dict[str, str],
-                  meta: RequestMeta) -> tuple[RequestRecord, int]:
-        """POST and read the answer within request_timeout_s: (record, bytes of body read)."""
+    def _exchange(self, path: str, payload: bytes, headers: dict[str, str], meta: RequestMeta) -> RequestRecord:
+        """POST and read the answer within request_timeout_s; its record, reported and collected."""
         deadline = gevent.Timeout(self.request_timeout_s)
         deadline.start()
         response: HTTPSocketPoolResponse | None = None
@@ -248,11 +169,11 @@ class StreamingUser(FastHttpUser):
                 body = read_error_body(response, headers_at)
                 error = (http_error_message(status, body) if status != 200
                          else f"expected an event stream, got {content_type or 'no content type'}")
-                return failed_record(meta, error, status, headers_at), len(body)
-            reads = DeferredReads(interpreter_for(meta, status, headers_at))
-            size = read_body(response, reads.add, headers_at, idle_timeout_s=self.network_timeout)
-            reads.drain()
-            return reads.interpreter.record(), size
+                return self._finish_now(failed_record(meta, error, status, headers_at), len(body))
+            reads = DeferredReads(interpreter_for(meta, status, headers_at), self.finish)
+            read_body(response, reads.add, headers_at, idle_timeout_s=self.network_timeout)
+            deadline.cancel()  # the answer is in: waiting for the parser is not the request's time
+            return reads.close()
         except gevent.Timeout as exc:
             if exc is not deadline:
                 raise
@@ -264,13 +185,15 @@ class StreamingUser(FastHttpUser):
             if response is not None:
                 response.release()  # back to the pool when complete, closed otherwise
 
-    @staticmethod
-    def _failed(meta: RequestMeta, reads: DeferredReads | None, error: str) -> tuple[RequestRecord, int]:
+    def _finish_now(self, record: RequestRecord, size: int) -> RequestRecord:
+        self.finish(record, size, time.perf_counter())
+        return record
+
+    def _failed(self, meta: RequestMeta, reads: DeferredReads | None, error: str) -> RequestRecord:
         """The record of a request cut off by `error`, with what arrived before it."""
         if reads is None:
-            return failed_record(meta, error), 0
-        reads.drain()
-        return reads.interpreter.record(error), reads.interpreter.parser.bytes_read
+            return self._finish_now(failed_record(meta, error), 0)
+        return reads.close(error)
 
 
 class OpenAIChatUser(StreamingUser):
@@ -393,6 +316,8 @@ def freeze_heap() -> None:
 
 
 def _flush(environment: Environment, **_: Any) -> None:
+    """A test is stopping, has stopped, or the process quits: finish every record, send a worker's batch."""
+    PARSER.finish_all()
     collector = collect.collector_of(environment)
     if collector is not None:
         collector.flush()

@@ -39,7 +39,15 @@ from gpufleet.loadtest.apis import (
 )
 from gpufleet.loadtest.record import RequestRecord
 from gpufleet.loadtest.sse import OPENAI_CHAT, OPENAI_COMPLETIONS, TGI, RequestMeta, interpreter_for
-from gpufleet.loadtest.stream_io import ERROR_BODY_LIMIT, StreamError, read_body, read_error_body, report
+from gpufleet.loadtest.stream_io import (
+    ERROR_BODY_LIMIT,
+    DeferredReads,
+    IdleParser,
+    StreamError,
+    read_body,
+    read_error_body,
+    report,
+)
 
 # ---- request bodies -------------------------------------------------------------------------------
 
@@ -491,3 +499,102 @@ def test_roles_are_checked() -> None:
         collect.RecordCollector("observer")
     with pytest.raises(ValueError, match="needs `send`"):
         collect.RecordCollector(collect.WORKER)
+
+
+# ---- parsing when the process is idle ----------------------------------------------------------------
+
+
+def chat_reads() -> list[tuple[bytes, float]]:
+    role = b'data: {"id":"c9","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+    token = b'data: {"id":"c9","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+    usage = b'data: {"id":"c9","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":300}}\n\ndata: [DONE]\n\n'
+    reads = [(role + token, 10.0)] + [(token, 10.0 + i / 100) for i in range(1, 299)]
+    return [*reads, (token + usage, 13.0)]
+
+
+class Finished:
+    def __init__(self) -> None:
+        self.calls: list[tuple[RequestRecord, int, float]] = []
+
+    def __call__(self, record: RequestRecord, size: int, ended: float) -> None:
+        self.calls.append((record, size, ended))
+
+
+def deferred(finished: Finished, parser: IdleParser) -> DeferredReads:
+    return DeferredReads(interpreter_for(RequestMeta(api=OPENAI_CHAT, sent=9.9, start_epoch=1.0)), finished, parser)
+
+
+def test_a_closed_stream_is_parsed_and_finished_once() -> None:
+    finished, parser = Finished(), IdleParser()
+    reads = deferred(finished, parser)
+    for chunk, arrived in chat_reads()[:10]:
+        reads.add(chunk, arrived)
+    assert reads.interpreter.events == 0  # nothing parsed while the stream runs
+    record = reads.close("connection failed: reset")
+    assert record.error == "connection failed: reset" and record.content_chunks == 10
+    assert [c[0] for c in finished.calls] == [record] and finished.calls[0][1] == reads.interpreter.parser.bytes_read
+    assert not parser.queue
+
+
+def test_a_long_stream_is_parsed_as_it_goes_in_idle_moments() -> None:
+    finished, parser = Finished(), IdleParser()
+    reads = deferred(finished, parser)
+    for chunk, arrived in chat_reads()[:DeferredReads.BATCH]:
+        reads.add(chunk, arrived)
+    assert reads.queued and reads.interpreter.events == 0
+    gevent.sleep(0.05)  # the loop is idle: the parser works through the batch
+    assert not reads.queued and not reads.pending and reads.interpreter.events == DeferredReads.BATCH + 1
+    assert finished.calls == []  # the stream has not ended
+    for chunk, arrived in chat_reads()[DeferredReads.BATCH:]:
+        reads.add(chunk, arrived)
+    record = reads.close()
+    assert record.ok and record.content_chunks == 300 and record.usage_output_tokens == 300
+    assert record.ttft_s == pytest.approx(0.1) and record.e2e_s == pytest.approx(3.1)
+    assert len(finished.calls) == 1
+
+
+def test_parsing_waits_while_sockets_are_busy() -> None:
+    finished, parser = Finished(), IdleParser()
+    reads = deferred(finished, parser)
+    for chunk, arrived in chat_reads():
+        reads.add(chunk, arrived)
+    closer = gevent.spawn(reads.close)
+    busy_until = time.monotonic() + 0.05
+    while time.monotonic() < busy_until:  # another greenlet that always has work ready
+        gevent.sleep(0)
+    assert reads.interpreter.events < 16 * 4  # at most a few slices got an idle moment
+    closer.join(5)
+    assert closer.value is not None and closer.value.ok
+
+
+def test_records_waiting_for_the_parser_survive_a_stop() -> None:
+    finished, parser = Finished(), IdleParser()
+    streams = [deferred(finished, parser) for _ in range(3)]
+    users = []
+    for reads in streams:
+        for chunk, arrived in chat_reads()[:5]:
+            reads.add(chunk, arrived)
+        users.append(gevent.spawn(reads.close))
+    gevent.sleep(0)  # the users close their streams and wait for the parser...
+    gevent.killall(users)  # ... and are stopped before it had an idle moment
+    assert finished.calls == [] and len(parser.queue) == 3
+    parser.finish_all()
+    assert len(finished.calls) == 3 and all(record.content_chunks == 5 for record, _, _ in finished.calls)
+    gevent.sleep(0.01)  # the parser's own greenlet finds nothing left to do
+    assert len(finished.calls) == 3
+
+
+def test_a_failing_finish_does_not_stop_the_parser(caplog: pytest.LogCaptureFixture) -> None:
+    parser = IdleParser()
+
+    def broken(record: RequestRecord, size: int, ended: float) -> None:
+        raise RuntimeError("listener failed")
+
+    first = DeferredReads(interpreter_for(RequestMeta(api=OPENAI_CHAT, sent=9.9, start_epoch=1.0)), broken, parser)
+    finished = Finished()
+    second = deferred(finished, parser)
+    for reads in (first, second):
+        reads.add(*chat_reads()[0])
+    assert first.close().content_chunks == 1  # the record is still there for its user
+    assert second.close().content_chunks == 1 and len(finished.calls) == 1
+    assert "finishing a request record failed" in caplog.text
