@@ -24,7 +24,7 @@ import bisect
 import math
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,35 +180,44 @@ class StealWatch:
     """
 
     def __init__(self, cpus: Iterable[int], interval_s: float = 0.1, margin_s: float = 0.02,
-                 stat: Path = Path("/proc/stat")) -> None:
+                 stat: Path = Path("/proc/stat"), clock: Callable[[], float] = time.monotonic) -> None:
         self.cpus = sorted(set(cpus))
         self.interval_s = interval_s
         self.margin_s = margin_s
         self.stat = stat
+        self.clock = clock
         self.windows: list[Window] = []
-        self.samples = 0
+        self.samples = 0  # intervals sampled
         self.stolen_ticks = 0
+        self._last: tuple[dict[int, int], float] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> StealWatch:
+        self.sample()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+        self.sample()
 
     def _run(self) -> None:
-        last, last_at = steal_ticks(self.cpus, self.stat), time.monotonic()
         while not self._stop.wait(self.interval_s):
-            now, now_at = steal_ticks(self.cpus, self.stat), time.monotonic()
+            self.sample()
+
+    def sample(self) -> None:
+        """Read the counters now; the interval since the last reading is a window if steal moved in it."""
+        now, now_at = steal_ticks(self.cpus, self.stat), self.clock()
+        if self._last is not None:
+            last, last_at = self._last
             stolen = sum(now[cpu] - last.get(cpu, now[cpu]) for cpu in now)
             self.samples += 1
             if stolen > 0:
                 self.stolen_ticks += stolen
                 self.windows.append((last_at - self.interval_s - self.margin_s, now_at + self.margin_s))
-            last, last_at = now, now_at
+        self._last = (now, now_at)
 
     @property
     def disturbed_share(self) -> float:

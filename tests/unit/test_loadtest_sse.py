@@ -566,15 +566,21 @@ def test_steal_watch_marks_the_intervals_in_which_steal_moved(tmp_path: Path) ->
     write(5, 7)
     assert steal_ticks([0, 1], stat) == {0: 5, 1: 7}
     assert steal_ticks([1], stat) == {1: 7}
-    with StealWatch([1], interval_s=0.01, margin_s=0.0, stat=stat) as watch:
+    now = [100.0]
+    watch = StealWatch([1], interval_s=0.1, margin_s=0.02, stat=stat, clock=lambda: now[0])
+    for at, steal0, steal1 in [(100.0, 5, 7), (100.1, 50, 7), (100.2, 50, 7), (100.3, 50, 9), (100.4, 50, 9)]:
+        now[0] = at
+        write(steal0, steal1)
+        watch.sample()
+    # another CPU's steal does not count; cpu1's two ticks moved between 100.2 and 100.3
+    assert watch.samples == 4 and watch.stolen_ticks == 2
+    assert watch.windows == [pytest.approx((100.2 - 0.1 - 0.02, 100.3 + 0.02))]
+    assert watch.disturbed_share == 0.25
+
+
+def test_steal_watch_samples_in_a_thread(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu0 1 0 1 100 0 0 0 3 0 0\n")
+    with StealWatch([0], interval_s=0.005, stat=stat) as watch:
         time.sleep(0.05)
-        write(50, 7)  # another CPU's steal does not count
-        time.sleep(0.05)
-        assert watch.windows == []
-        moved = time.monotonic()
-        write(50, 8)
-        time.sleep(0.05)
-    assert watch.stolen_ticks == 1 and len(watch.windows) == 1
-    start, end = watch.windows[0]
-    assert start <= moved <= end and end - start < 0.1
-    assert 0 < watch.disturbed_share < 0.2 and watch.samples >= 8
+    assert watch.samples >= 2 and watch.windows == []
