@@ -5,11 +5,12 @@ another (closed loop, no wait) with `Authorization: Bearer <key>`, and turn each
 RequestRecord (gpufleet/loadtest/record.py) that reaches the master (collect.py).
 
 The client is geventhttpclient, the engine of Locust's FastHttpUser, chosen by measurement
-(docs/loadtest.md, "Timing"): per streamed token it costs a fraction of what requests/urllib3
-costs, and CPU spent per token is what delays the next token's timestamp. The body is read
-with one `recv` per read, not through `iter_content(1024)`, which waits until 1024 bytes have
-arrived and so would hold small SSE events back; `time.perf_counter()` is taken the moment each
-`recv` returns, before the HTTP chunk framing or the SSE is parsed.
+(docs/loadtest.md, "Timing"): it costs less CPU per streamed token than Locust's requests-based
+HttpUser, and CPU spent per token is what delays the next token's timestamp. The body is read
+one `recv` at a time (stream_io.read_body), not through `iter_content(1024)`, which waits until
+1024 bytes have arrived and so would hold small SSE events back; `time.perf_counter()` is taken
+the moment each `recv` returns, and the parsing waits until the process is idle
+(stream_io.IdleParser), which then builds the record.
 
 In Locust's UI each request shows as its real row (`POST <path>`, response time = E2E, or the
 time to the failure) and, for successes, three synthetic rows under the same name: `TTFT` and

@@ -40,9 +40,10 @@ REPO = Path(__file__).resolve().parents[2]
 LOCUST = Path(sys.executable).parent / "locust"
 LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
 BOUND_MS = 2.0
-SIM_LAG_BOUND_MS = 1.0
 TRIES = 5
-MAX_DISTURBED = 0.5
+MAX_DISTURBED = 0.2
+MIN_TTFT_SAMPLES = 100
+MIN_ITL_SAMPLES = 10_000
 
 
 def key_file(folder: Path) -> Path:
@@ -106,11 +107,15 @@ class Measurement:
     records: list[RequestRecord]
     errors: TimingErrors
     sim_lag_p99_ms: float  # the simulator's own lateness behind its schedule, outside stolen moments
-    disturbed: float  # the share of the run's 0.1 s intervals in which the hypervisor stole a used CPU
+    disturbed: float  # the share of the run's 20 ms intervals in which the hypervisor stole Locust's CPU
 
     @property
     def valid(self) -> bool:
-        return self.sim_lag_p99_ms <= SIM_LAG_BOUND_MS and self.disturbed <= MAX_DISTURBED
+        """The hypervisor left Locust's CPU alone enough: rarely enough that the steal it did not show
+        (under one 10 ms tick) cannot matter, with samples left for a p99 (the gate's rule: 100)."""
+        summary = self.errors.summary()
+        return (self.disturbed <= MAX_DISTURBED and summary["ttft_ms"]["n"] >= MIN_TTFT_SAMPLES
+                and summary["itl_ms"]["n"] >= MIN_ITL_SAMPLES)
 
 
 def measure_64_streams(folder: Path) -> Measurement:
@@ -125,7 +130,7 @@ def measure_64_streams(folder: Path) -> Measurement:
     with running_sims(folder, 1, *flags) as (sim,):
         pin(sim, sim_cpus)
         try:
-            with StealWatch(sim_cpus | locust_cpus) as steal:
+            with StealWatch(locust_cpus, interval_s=0.02, margin_s=0.01) as steal:
                 records = run_locust(folder, sim, key, "-u", "64", "-r", "64", "-t", "15s", "--gpufleet-max-tokens",
                                      "64", on_cpus=locust_cpus)
         finally:
@@ -143,11 +148,12 @@ def test_64_streams_are_timed_within_2_ms_of_the_server(tmp_path: Path) -> None:
     The tokens come evenly (`even_profile`), so neither process idles long enough for the VM to
     halt its vCPU. Other load on the host still takes a vCPU away for milliseconds now and then
     (steal time, in bursts of seconds on the development VM), and what arrives meanwhile is
-    stamped late by any client. So the samples of the 0.1 s intervals in which the hypervisor
-    stole either CPU are left out (calibration.StealWatch; counted in `excluded`), and a
-    measurement counts only where at least half the run was left alone and the simulator kept
-    its own schedule otherwise (p99 write lag within 1 ms, its benchmarked capability); else it
-    is repeated (5 tries).
+    stamped late by any client. So the samples of the 20 ms intervals (and the one before) in
+    which the hypervisor stole Locust's CPU are left out (calibration.StealWatch; counted in
+    `excluded`; steal on the simulator's CPU delays its writes, not the times it logs after
+    them). A run counts when steal touched at most a fifth of the intervals (more, and the steal
+    too short to move the counter is everywhere too) and enough samples are left for a p99 (100
+    beyond it); else it is repeated (5 tries).
     """
     for attempt in range(1, TRIES + 1):
         run = measure_64_streams(tmp_path / f"try-{attempt}")
@@ -157,15 +163,15 @@ def test_64_streams_are_timed_within_2_ms_of_the_server(tmp_path: Path) -> None:
         if run.valid:
             break
     else:
-        pytest.fail(f"the machine was too noisy to measure 2 ms {TRIES} times in a row (last try: the simulator's own "
-                    f"write lag p99 {run.sim_lag_p99_ms:.2f} ms (limit {SIM_LAG_BOUND_MS}), the hypervisor stole a "
-                    f"CPU in {run.disturbed:.0%} of the run (limit {MAX_DISTURBED:.0%})): run it on a quieter machine")
+        pytest.fail(f"the machine was too noisy to measure 2 ms {TRIES} times in a row: the hypervisor stole Locust's "
+                    f"CPU in {run.disturbed:.0%} of the last run's 20 ms intervals (at most {MAX_DISTURBED:.0%}), "
+                    f"leaving {summary['ttft_ms']['n']} TTFT and {summary['itl_ms']['n']} ITL samples (a p99 needs "
+                    f"{MIN_TTFT_SAMPLES} and {MIN_ITL_SAMPLES}); run it when the host is quieter")
     ok = [r for r in run.records if r.ok]
     assert len(ok) == len(run.records) >= 400, f"{len(run.records)} records, {len(run.records) - len(ok)} failed"
     assert all(r.status == 200 and r.usage_output_tokens == 64 and r.content_chunks for r in ok)
     assert {r.worker for r in run.records} == {"local"}
     assert run.errors.matched == len(ok) and run.errors.unmatched == run.errors.inconsistent == 0
-    assert summary["itl_ms"]["n"] >= 15_000 and summary["ttft_ms"]["n"] >= 200
     assert summary["ttft_ms"]["p99_abs"] <= BOUND_MS, summary
     assert summary["itl_ms"]["p99_abs"] <= BOUND_MS, summary
 
