@@ -13,14 +13,16 @@ the simulator's token log says when each token was written (gpufleet/loadtest/ca
 
 N goes up level by level (a fresh simulator each), every client at each level (alternating which
 goes first). A client holds a level when, over the measured window, p99 |TTFT error| and p99
-|ITL error| are within 2 ms and no request failed; its capacity is the output tokens/s delivered
-at the highest level it held (counting up from the first). Samples from 20 ms intervals in
-which the hypervisor stole the client's CPU are left out (calibration.StealWatch; steal on the
-simulator's CPU delays its writes, not the times it logs after them); a run is repeated (at
-most 3 times) when other processes took more than 10% of either CPU, or steal touched more
-than a fifth of the intervals or left fewer than 100 TTFT or 5,000 ITL samples. A level where
-the simulator itself fell behind its schedule (p99 write lag over 1 ms, outside the moments its
-own CPU was stolen) ends the sweep, and capacities still holding there are lower bounds.
+|ITL error| are within 2 ms and no request failed, in any of up to 3 undisturbed runs (noise
+only ever adds delay); its capacity is the output tokens/s delivered at the highest level it
+held (counting up from the first). Samples from 20 ms intervals in which the hypervisor stole
+the client's CPU are left out (calibration.StealWatch; steal on the simulator's CPU delays its
+writes, not the times it logs after them). A run is disturbed, and repeated without counting
+(at most 6 runs in all), when other processes took more than 10% of either CPU, or steal
+touched more than a fifth of the intervals or left fewer than 100 TTFT or 5,000 ITL samples.
+A level where the simulator itself fell behind its schedule (p99 write lag over 1 ms, outside
+the moments its own CPU was stolen) ends the sweep, and capacities still holding there are
+lower bounds.
 Exit 0: measured; 2: the machine was too noisy to tell (the aiohttp reference could not hold
 even the first level, or the runs stayed disturbed).
 
@@ -275,16 +277,29 @@ def measure(client: str, base: str, sim_pid: int, streams: int, args: argparse.N
 
 def measure_quietly(client: str, base: str, sim_pid: int, streams: int, args: argparse.Namespace,
                     folder: Path) -> Run | None:
-    """`measure`, repeated while other processes or the hypervisor disturbed it; None if they always did."""
-    for _ in range(3):
+    """The client's best of up to 3 undisturbed runs at this level; None if the machine never left it alone.
+
+    Noise only ever adds delay (no disturbance makes a client stamp earlier than it can), so a
+    level is held if any undisturbed run holds it; a run that other processes or the hypervisor
+    disturbed is repeated and does not count (at most 6 runs in all).
+    """
+    valid: list[Run] = []
+    for _ in range(6):
         run = measure(client, base, sim_pid, streams, args, folder)
         print(run.line(), flush=True)
         if run.quiet:
-            return run
+            if run.holds:
+                return run
+            valid.append(run)
+            if len(valid) == 3:
+                break
+            print("    over the bound: once more", flush=True)
+            continue
         left = f"{run.summary['ttft_ms']['n']} TTFT and {run.summary['itl_ms']['n']} ITL samples left"
         print(f"    disturbed (others took {run.foreign:.0%} of a CPU, steal in {run.disturbed:.0%} of the window, "
               f"{left}): again", flush=True)
-    return None
+    return min(valid, key=lambda r: max(r.summary["ttft_ms"]["p99_abs"], r.summary["itl_ms"]["p99_abs"]),
+               default=None)
 
 
 # ---- the sweep ------------------------------------------------------------------------------------
