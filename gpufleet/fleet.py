@@ -92,6 +92,7 @@ def load_fleet(path: Path, check_secrets: bool = True, roles_dir: Path = ROLES_D
         keys = _read_keys(inventory, hosts, problems)
         hosts = with_hf_tokens(inventory.root, hosts, problems)
         hosts = [replace(h, api_keys=tuple(keys[_keys_path(inventory, h)])) if h.gateway else h for h in hosts]
+        problems.extend(_unlimited_client_problems(inventory, hosts, keys))
     if problems:
         raise ConfigError(problems)
     return Fleet(inventory=inventory, hosts=tuple(hosts), api_keys=tuple(k for found in keys.values() for k in found))
@@ -200,6 +201,28 @@ def _cross_host_problems(hosts: list[FleetHost]) -> list[Problem]:
 
 def _keys_path(inventory: Inventory, host: FleetHost) -> Path:
     return (inventory.root / host.config.gateway.api_keys_file).resolve()
+
+
+def _unlimited_client_problems(inventory: Inventory, hosts: list[FleetHost],
+                                keys: dict[Path, list[ApiKey]]) -> list[Problem]:
+    """gateway.unlimited_clients must name clients of the keys file: a typo would leave the load test limited."""
+    problems = []
+    for host in hosts:
+        if host.gateway is None or host.config.gateway is None:
+            continue
+        path = _keys_path(inventory, host)
+        if path not in keys:  # the file itself is already reported
+            continue
+        known = {key.name for key in keys[path]}
+        for name in host.config.gateway.unlimited_clients:
+            if name not in known:
+                origin = host.source.origin_of(("gateway", "unlimited_clients")) or host.source.defined_at
+                problems.append(Problem(
+                    file=origin.file, line=origin.line, key="gateway.unlimited_clients", host=host.name,
+                    message=f"client {name!r} has no key in {display_path(path)}",
+                    fix=f"add one: gpufleet keys add {display_path(inventory.root)} {name} (or correct the name)",
+                ))
+    return problems
 
 
 def _read_keys(inventory: Inventory, hosts: list[FleetHost], problems: list[Problem]) -> dict[Path, list[ApiKey]]:

@@ -281,6 +281,11 @@ class Gateway(Section):
     burst: int = Field(ge=0, description="requests a key may send above its rate before 429; the seed uses 4")
     nodelay: bool = Field(default=True, description="serve burst requests at once instead of spacing them")
     max_conns_per_key: int = Field(ge=1, description="concurrent connections allowed per API key")
+    unlimited_clients: list[str] = Field(
+        default_factory=list,
+        description="clients (names in the keys file) exempt from rate_per_second, burst and max_conns_per_key, "
+        "e.g. the load test's own key; the gateway-wide max_concurrency still applies to them",
+    )
     max_concurrency: int | None = Field(
         default=None, ge=1,
         description="requests in flight across the gateway before 429; null derives it from the capacity plan",

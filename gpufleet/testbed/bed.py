@@ -107,17 +107,29 @@ def monitoring_urls(fleet_host: FleetHost) -> list[str]:
             (("Prometheus", ports.prometheus), ("Alertmanager", ports.alertmanager), ("Grafana", ports.grafana))]
 
 
-def ensure_api_keys(fleet: Fleet, client: str = "testbed") -> list[Path]:
-    """A keys file with one key for each gateway keys file the inventory names but lacks (0600)."""
+def ensure_api_keys(fleet: Fleet, client: str = "testbed") -> list[tuple[Path, str]]:
+    """Keys the test bed needs and lacks: `client`'s where a keys file is missing, and one for each of the
+    gateways' `unlimited_clients` (the load test's); (file, client) for each key made (files 0600)."""
     made = []
     for fleet_host in fleet.hosts:
         if fleet_host.gateway is None:
             continue
-        path = fleet.root / fleet_host.config.gateway.api_keys_file
-        if not path.exists():
-            add_api_key(path, client)
-            made.append(path)
+        settings = fleet_host.config.gateway
+        path = fleet.root / settings.api_keys_file
+        have = {line.split()[0] for line in path.read_text(encoding="utf-8").splitlines()
+                if line.split()} if path.exists() else set()
+        for name in ([] if have else [client]) + list(settings.unlimited_clients):
+            if name not in have:
+                add_api_key(path, name)
+                have.add(name)
+                made.append((path, name))
     return made
+
+
+def published_port(fleet_host: FleetHost, port: int) -> int:
+    """The port of this machine's 127.0.0.1 that reaches a test bed host's `port` (HostError if not published)."""
+    container = fleet_host.config.ansible_host or fleet_host.name
+    return testbed.TestbedHost(_host_name(fleet_host), container, 0).published(port)
 
 
 def _host_name(fleet_host: FleetHost) -> str:
@@ -139,8 +151,8 @@ def host_containers(fleet: Fleet) -> dict[str, int]:
 def up(inventory: Path) -> list[testbed.TestbedHost]:
     fleet = load_fleet(inventory, check_secrets=False)
     wanted = host_containers(fleet)
-    for path in ensure_api_keys(fleet):
-        log(f"created {path} with a key for client 'testbed' (gpufleet keys add to add more)")
+    for path, client in ensure_api_keys(fleet):
+        log(f"added a key for client {client!r} to {path} (gpufleet keys add to add more)")
     mirror = prepare_mirror(cache_dir() / "mirror", sim_image=True, inventory=inventory)
     started = testbed.start_hosts(list(wanted), mirror_dir=mirror, gpus=wanted, publish=gateway_ports(fleet),
                                   networks=host_networks(fleet))

@@ -113,11 +113,13 @@ def render(plan: GatewayPlan, settings: object, keys: Sequence[ApiKey],
         max_concurrency=plan.max_concurrency, max_body_size=nginx_size(settings.max_body_size),
         read_timeout_s=settings.read_timeout_s, connect_timeout_s=CONNECT_TIMEOUT_S,
         retry_window_s=RETRY_WINDOW_S, status_port=settings.status_port,
-        api_paths=API_PATHS[plan.engine], errors=ERRORS,
+        api_paths=API_PATHS[plan.engine], errors=ERRORS, unlimited_clients=sorted(settings.unlimited_clients),
     )
     return GatewayFiles(conf=conf, upstream=render_upstream(plan, settings, drained), keys_map=render_keys_map(keys))
 
 
 def _env() -> Environment:
-    return Environment(loader=FileSystemLoader(TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True,
-                       trim_blocks=True, lstrip_blocks=True)
+    env = Environment(loader=FileSystemLoader(TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True,
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters["regex_escape"] = re.escape
+    return env

@@ -399,3 +399,24 @@ def test_a_drained_instance_gets_no_requests_after_a_reload(sims: list[SimProces
     gw.drain({sims[0].server, sims[1].server})
     error = error_of(call(gw.port, "POST", CHAT, chat_body(1, stream=False), key=TEAM_A.key), 502)
     assert error["type"] == "api_error"
+
+
+def test_an_unlimited_client_is_not_rate_limited_while_others_still_are(
+    sims: list[SimProcess], gateway: MakeGateway
+) -> None:
+    """gateway.unlimited_clients (a load test's key): 10 requests at once all pass at 2 r/s burst 4, and
+    the same burst from a limited key still gets 5 x 429."""
+    gw = gateway(sims, rate_per_second=2, burst=4, nodelay=True, max_conns_per_key=2,
+                 unlimited_clients=[TEAM_B.name])
+    body = json.dumps(chat_body(1, stream=False)).encode()
+    conns = [(key, Connection(gw.port, timeout=30)) for key in [TEAM_B] * 10 + [TEAM_A] * 10]
+    try:
+        sent = [conn.send("POST", CHAT, body, {"Authorization": f"Bearer {key.key}"}, close=True)
+                for key, conn in conns]
+        assert sent[-1] - sent[0] < 0.05, f"the 20 requests took {(sent[-1] - sent[0]) * 1e3:.1f} ms to send"
+        replies = [conn.receive(at) for (_, conn), at in zip(conns, sent, strict=True)]
+    finally:
+        for _, conn in conns:
+            conn.close()
+    assert [r.status for r in replies[:10]] == [200] * 10, [r.status for r in replies[:10]]
+    assert sorted(r.status for r in replies[10:]).count(429) >= 5, [r.status for r in replies[10:]]

@@ -119,7 +119,8 @@ def test_the_rendered_files_carry_the_settings_and_keep_keys_in_the_key_map_only
     keys = [ApiKey("web", "sk-gf-" + "k" * 30), ApiKey("batch", "sk-gf-" + "b" * 30)]
     files = render(host.gateway, host.config.gateway, keys)
     assert "limit_req zone=gf_rate_per_key burst=4 nodelay;" in files.conf
-    assert "limit_req_zone $gf_client zone=gf_rate_per_key:10m rate=2r/s;" in files.conf
+    assert "limit_req_zone $gf_limited zone=gf_rate_per_key:10m rate=2r/s;" in files.conf
+    assert "map $gf_client $gf_limited {\n    default $gf_client;\n}" in files.conf  # nobody exempt by default
     assert "limit_conn gf_conns_all 512;" in files.conf and "limit_conn gf_conns_per_key 8;" in files.conf
     assert "client_max_body_size 4m;" in files.conf and "proxy_read_timeout 600s;" in files.conf
     assert "listen 0.0.0.0:8080;" in files.conf and "listen 127.0.0.1:8081;" in files.conf
@@ -151,3 +152,26 @@ def test_rollout_steps_cover_every_instance_with_the_gateways_fronting_it() -> N
         ("gpu-01", "127.0.0.1:8000", ("gpu-01",)),
         ("gpu-02", "127.0.0.1:8000", ("gpu-02",)),
     ]
+
+
+def test_unlimited_clients_are_exempt_from_the_per_key_limits_only(make_inventory) -> None:
+    """A load test's client is not counted by the per-key zones; the gateway-wide cap still counts it."""
+    fleet = load_fleet(make_inventory())
+    host = fleet.host("gw-01")
+    settings = host.config.gateway.model_copy(update={"unlimited_clients": ["load.test", "bench"]})
+    files = render(host.gateway, settings, [ApiKey("load.test", "sk-gf-" + "k" * 30)])
+    assert ('map $gf_client $gf_limited {\n    default $gf_client;\n    "~^bench$" "";\n    "~^load\\.test$" "";\n}'
+            in files.conf)
+    assert "limit_conn_zone $gf_limited zone=gf_conns_per_key:10m;" in files.conf
+    assert "limit_conn_zone $gf_everyone zone=gf_conns_all:1m;" in files.conf
+
+
+def test_an_unlimited_client_without_a_key_is_refused(make_inventory, tmp_path) -> None:
+    root = make_inventory()
+    gateway_vars = root / "group_vars" / "gateway.yml"
+    gateway_vars.write_text(gateway_vars.read_text() + "  unlimited_clients: [loadtest]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_fleet(root)
+    text = caught.value.render()
+    assert "gateway.unlimited_clients: client 'loadtest' has no key in" in text
+    assert "fix: add one: gpufleet keys add" in text and "loadtest" in text

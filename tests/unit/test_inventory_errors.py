@@ -245,7 +245,7 @@ SCHEMA_CASES = [
         "error: <root>/group_vars/gateway.yml:3: gateway.burts: unknown key 'burts'\n"
         "  fix: did you mean 'burst'? (valid keys: api_keys_file, backends, burst, fail_timeout_s, listen, "
         "max_body_size, max_concurrency, max_conns_per_key, max_fails, nodelay, rate_per_second, read_timeout_s, "
-        "status_port)",
+        "status_port, unlimited_clients)",
         id="unknown-nested-key",
     ),
     pytest.param(
@@ -618,7 +618,7 @@ def test_every_schema_problem_of_the_fleet_is_reported_at_once(make_inventory):
         f"error: {root}/group_vars/gateway.yml:3: gateway.burts: unknown key 'burts'\n"
         "  fix: did you mean 'burst'? (valid keys: api_keys_file, backends, burst, fail_timeout_s, listen, "
         "max_body_size, max_concurrency, max_conns_per_key, max_fails, nodelay, rate_per_second, read_timeout_s, "
-        "status_port)\n"
+        "status_port, unlimited_clients)\n"
         f"error: {root}/host_vars/mon-01.yml:2: monitoring.retention_days: must be >= 1, got -1\n"
         "  fix: set monitoring.retention_days to a value >= 1 (days of metrics Prometheus keeps)"
     )
