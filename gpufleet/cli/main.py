@@ -25,9 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpufleet {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from gpufleet.cli import exporter_cmd, inventory_cmd, keys_cmd, plan_cmd, sim_cmd, validate_cmd
+    from gpufleet.cli import exporter_cmd, inventory_cmd, keys_cmd, loadtest_cmd, plan_cmd, sim_cmd, validate_cmd
 
-    for module in (validate_cmd, plan_cmd, inventory_cmd, keys_cmd, sim_cmd, exporter_cmd):
+    for module in (validate_cmd, plan_cmd, inventory_cmd, keys_cmd, loadtest_cmd, sim_cmd, exporter_cmd):
         module.register(commands)
     from gpufleet.cli import gateway_exporter_cmd  # imports no more than the gateway hosts' zipapp has
 

@@ -17,10 +17,11 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from gpufleet.loadtest.record import RequestRecord
 
+T = TypeVar("T")
 MESSAGE = "gpufleet_records"
 FLUSH_INTERVAL_S = 1.0
 MASTER, WORKER, LOCAL = "master", "worker", "local"
@@ -30,11 +31,14 @@ log = logging.getLogger(__name__)
 _COLLECTORS: weakref.WeakKeyDictionary[Any, RecordCollector] = weakref.WeakKeyDictionary()
 
 
-class RecordCollector:
-    """One process's side of the record flow, by role: keep (master, local) or batch and send (worker)."""
+class Collector(Generic[T]):
+    """One process's side of a flow of items to the master, by role: keep (master, local) or batch and
+    send (worker). Items travel as `encode(item)` in messages named `message` and are rebuilt with
+    `decode`; RecordCollector carries the requests' records, the CPU sampler (cpu.py) its samples."""
 
     def __init__(self, role: str, send: Callable[[str, Any], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, interval_s: float = FLUSH_INTERVAL_S) -> None:
+                 clock: Callable[[], float] = time.monotonic, interval_s: float = FLUSH_INTERVAL_S, *,
+                 message: str, encode: Callable[[T], Any], decode: Callable[[Any], T]) -> None:
         if role not in (MASTER, WORKER, LOCAL):
             raise ValueError(f"unknown role {role!r}")
         if role == WORKER and send is None:
@@ -43,15 +47,18 @@ class RecordCollector:
         self.send = send
         self.clock = clock
         self.interval_s = interval_s
-        self.records: list[RequestRecord] = []  # master and local: the whole run's records
+        self.message = message
+        self.encode = encode
+        self.decode = decode
+        self.records: list[T] = []  # master and local: the whole run's items
         self.batch: list[dict[str, Any]] = []  # worker: not yet sent
         self.sent = 0  # worker: records sent so far
         self.last_flush = clock()
 
-    def add(self, record: RequestRecord) -> None:
-        """A finished request's record: kept here, or queued for the master (sent by `flush_due`)."""
+    def add(self, record: T) -> None:
+        """A finished request's record (or another item): kept here, or queued for the master (`flush_due`)."""
         if self.role == WORKER:
-            self.batch.append(record.to_dict())
+            self.batch.append(self.encode(record))
         else:
             self.records.append(record)
 
@@ -69,10 +76,10 @@ class RecordCollector:
         batch, self.batch = self.batch, []
         assert self.send is not None
         try:
-            self.send(MESSAGE, batch)
+            self.send(self.message, batch)
         except Exception:
             self.batch = batch + self.batch  # keep them for the next try rather than lose them
-            log.exception("could not send %d records to the master; will retry", len(batch))
+            log.exception("could not send %d %s items to the master; will retry", len(batch), self.message)
             return False
         self.sent += len(batch)
         return True
@@ -80,26 +87,39 @@ class RecordCollector:
     def receive(self, data: Any) -> int:
         """The master's handler of a worker's batch: append its records; how many arrived."""
         if not isinstance(data, list):
-            log.error("ignored a %s message that is not a list of records", MESSAGE)
+            log.error("ignored a %s message that is not a list", self.message)
             return 0
-        records = [RequestRecord.from_dict(item) for item in data]
+        records = [self.decode(item) for item in data]
         self.records.extend(records)
         return len(records)
 
     def on_message(self, environment: Any = None, msg: Any = None, **_: Any) -> None:
-        """`runner.register_message(MESSAGE, collector.on_message)`: Locust's listener signature."""
+        """`runner.register_message(collector.message, collector.on_message)`: Locust's listener signature."""
         self.receive(getattr(msg, "data", None))
 
     def clear(self) -> None:
         """A new test starts (Locust clears its statistics then too)."""
         self.records.clear()
 
+    def attach_to(self, runner: Any) -> None:
+        """On a master, take the workers' messages."""
+        if self.role == MASTER:
+            runner.register_message(self.message, self.on_message)
+
+
+class RecordCollector(Collector[RequestRecord]):
+    """The requests' records (see the module docstring)."""
+
+    def __init__(self, role: str, send: Callable[[str, Any], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic, interval_s: float = FLUSH_INTERVAL_S) -> None:
+        super().__init__(role, send, clock, interval_s, message=MESSAGE, encode=RequestRecord.to_dict,
+                         decode=RequestRecord.from_dict)
+
 
 def attach(environment: Any, collector: RecordCollector) -> RecordCollector:
     """Make `collector` the environment's; the master also registers the records message."""
     _COLLECTORS[environment] = collector
-    if collector.role == MASTER:
-        environment.runner.register_message(MESSAGE, collector.on_message)
+    collector.attach_to(environment.runner)
     return collector
 
 

@@ -108,6 +108,18 @@ class StepPlan:
         phase = self.phase_at(t)
         return "" if phase is None else phase.step
 
+    def describe(self) -> str:
+        """The plan in words, for the report: "closed loop, concurrency 1, 4, 8; 30 s warm-up + 120 s measured each"."""
+        levels = ", ".join(str(step.users) for step in self.steps)
+        timings = {(step.warmup_s, step.measure_s) for step in self.steps}
+        each = (f"; {_seconds(self.steps[0].warmup_s)} warm-up + {_seconds(self.steps[0].measure_s)} measured each"
+                if len(timings) == 1 else "")
+        return f"closed loop, concurrency {levels}{each}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g} s"
+
 
 def concurrency_plan(levels: Sequence[int] = SEED_CONCURRENCY, warmup_s: float = 30.0,
                      measure_s: float = 120.0) -> StepPlan:
@@ -204,6 +216,19 @@ class OpenLoopPlan:
         index = int(t // self.step_s)
         label = rate_label(self.rates[index])
         return WARMUP_PREFIX + label if t - index * self.step_s < self.warmup_s else label
+
+    def describe(self) -> str:
+        """The plan in words, for the report: "open loop, Poisson arrivals at 1, 2 req/s; ..."."""
+        if math.isinf(self.burstiness):
+            process = "constant-rate arrivals"
+        elif self.burstiness == 1:
+            process = "Poisson arrivals"
+        else:
+            process = f"gamma arrivals (burstiness {self.burstiness:g})"
+        rates = ", ".join(f"{rate:g}" for rate in self.rates)
+        cap = f", at most {self.max_in_flight} in flight" if self.max_in_flight else ""
+        return (f"open loop, {process} at {rates} req/s; {_seconds(self.warmup_s)} warm-up + "
+                f"{_seconds(self.measure_s)} measured each{cap}")
 
     @cached_property
     def arrivals(self) -> tuple[Arrival, ...]:

@@ -197,6 +197,7 @@ class StepRampShape(_ClockedShape):
     concurrencies: ClassVar[Sequence[int]] = SEED_CONCURRENCY
     warmup_s: ClassVar[float] = 30.0
     measure_s: ClassVar[float] = 120.0
+    drain_s: ClassVar[float] = 900.0  # the most the last step's requests may take to finish (users.request_timeout_s)
     user_classes: ClassVar[list[type[User]] | None] = None
 
     def __init__(self) -> None:
@@ -214,14 +215,29 @@ class StepRampShape(_ClockedShape):
 
     def tick(self) -> tuple[int, float] | tuple[int, float, list[type[User]] | None] | None:
         self._announce()
-        phase = self.plan.phase_at(self.get_run_time())
+        run_time = self.get_run_time()
+        phase = self.plan.phase_at(run_time)
         if phase is None:
-            return None
+            return self._drain(run_time)
         users = self.plan.steps[phase.index].users
         spawn_rate = float(max(users, 1))  # the whole step at once
         if self.user_classes is None:
             return users, spawn_rate
         return users, spawn_rate, list(self.user_classes)
+
+    def _drain(self, run_time: float) -> tuple[int, float] | None:
+        """After the last step: stop the users and let each finish the request it is in, then end.
+
+        Ending at once would kill the last step's requests still in flight, and those are its
+        slowest: its percentiles would lose their tail. Scaling to 0 users stops them gracefully
+        when Locust's stop timeout is set (`apply_stop_timeout`); the run ends once none is left,
+        or `drain_s` after the plan.
+        """
+        if run_time < 0 or run_time >= self.plan.total_s + self.drain_s:
+            return None
+        if run_time >= self.plan.total_s + 1 and self.runner is not None and self.runner.user_count == 0:
+            return None
+        return 0, float(max(step.users for step in self.plan.steps))
 
 
 # ---- open loop: the dispatcher ---------------------------------------------------------------

@@ -52,7 +52,9 @@ from gpufleet.loadtest.apis import (
     default_prompt,
     settings_from,
 )
+from gpufleet.loadtest.prompts import SEED_INPUT_LENGTHS, PromptSource, prompt_source
 from gpufleet.loadtest.record import RequestRecord
+from gpufleet.loadtest.shapes import OpenLoopDispatcher
 from gpufleet.loadtest.sse import (
     APIS,
     OPENAI_CHAT,
@@ -67,6 +69,8 @@ from gpufleet.loadtest.stream_io import PARSER, DeferredReads, describe, read_bo
 
 log = logging.getLogger(__name__)
 
+PROMPT_KINDS = ("synthetic", "chat-set")
+SEED_INPUT_TOKENS = SEED_INPUT_LENGTHS[0]
 _SETTINGS: weakref.WeakKeyDictionary[Environment, Settings] = weakref.WeakKeyDictionary()  # set at init, test start
 
 
@@ -243,6 +247,14 @@ def add_arguments(parser: Any) -> None:
     group.add_argument("--gpufleet-records-file", metavar="PATH", default=None,
                        help="write every request's raw record as JSON lines here when Locust quits (master or "
                             "single process)")
+    group.add_argument("--gpufleet-prompts", choices=PROMPT_KINDS, default=None,
+                       help="synthetic: prompts of exactly --gpufleet-input-tokens tokens and outputs forced to "
+                            "--gpufleet-max-tokens; chat-set: the shipped chat prompts, each with its own length "
+                            "(default: one short fixed prompt)")
+    group.add_argument("--gpufleet-input-tokens", metavar="N", type=int, default=SEED_INPUT_TOKENS,
+                       help=f"input length of synthetic prompts (default {SEED_INPUT_TOKENS}, the seed's)")
+    group.add_argument("--gpufleet-seed", metavar="N", type=int, default=0,
+                       help="seed of the prompts (each load generator process draws its own sequence from it)")
 
 
 def install(events: Any) -> None:
@@ -250,8 +262,8 @@ def install(events: Any) -> None:
     events.init_command_line_parser.add_listener(add_arguments)
     events.init.add_listener(_on_init)
     events.test_start.add_listener(_on_test_start)
-    events.test_stopping.add_listener(_flush)
-    events.test_stop.add_listener(_flush)
+    events.test_stopping.add_listener(finish_records)
+    events.test_stop.add_listener(finish_records)
     events.quitting.add_listener(_on_quitting)
 
 
@@ -284,10 +296,15 @@ def _on_init(environment: Environment, **_: Any) -> None:
         log.error("%s", exc)
         sys.exit(2)
     _SETTINGS[environment] = settings
+    try:
+        configure_prompts(options, settings.api)
+    except ValueError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
     if not options.user_classes:  # none named: run the one of --gpufleet-api among ours
         chosen = USER_CLASSES[settings.api]
-        environment.user_classes[:] = [c for c in environment.user_classes
-                                       if not issubclass(c, StreamingUser) or c is chosen]
+        environment.user_classes[:] = [c for c in environment.user_classes if not issubclass(c, StreamingUser)
+                                       or c is chosen or (issubclass(c, OpenLoopDispatcher) and c.api == chosen.api)]
 
 
 def _on_test_start(environment: Environment, **_: Any) -> None:
@@ -297,12 +314,41 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     freeze_heap()
     if environment.parsed_options is None:
         return
+    runner = environment.runner
     try:
-        _SETTINGS[environment] = settings_from(environment.parsed_options)
-    except SettingsError as exc:  # a worker's key file, read where the worker runs
+        settings = _SETTINGS[environment] = settings_from(environment.parsed_options)
+        configure_prompts(environment.parsed_options, settings.api,
+                          runner.worker_index if isinstance(runner, WorkerRunner) else 0)
+    except ValueError as exc:  # a worker's key file, read where the worker runs
         log.error("%s", exc)
-        if environment.runner is not None:
-            environment.runner.quit()
+        if runner is not None:
+            runner.quit()
+
+
+def configure_prompts(options: Any, api: str, process_index: int = 0) -> PromptSource | None:
+    """Plug the `--gpufleet-prompts` source into every user class; None (the default prompt) without it.
+
+    Each load-generator process reseeds with its index, so two workers never send the same
+    sequence of prompts (identical prompts would be served from the prefix cache). ValueError
+    for lengths or kinds that cannot be built.
+    """
+    kind = getattr(options, "gpufleet_prompts", None)
+    if kind is None:
+        return None
+    seed = int(getattr(options, "gpufleet_seed", 0) or 0)
+    output_tokens = getattr(options, "gpufleet_max_tokens", None) or DEFAULT_MAX_TOKENS
+    if kind == "chat-set":
+        if api != OPENAI_CHAT:
+            raise ValueError(f"--gpufleet-prompts chat-set: the chat set is chat messages; --gpufleet-api {api} "
+                             "takes text (use --gpufleet-prompts synthetic)")
+        source = prompt_source("chat-set", None, None, seed)
+    else:
+        synthetic = "synthetic-chat" if api == OPENAI_CHAT else "synthetic-text"
+        source = prompt_source(synthetic, getattr(options, "gpufleet_input_tokens", SEED_INPUT_TOKENS),
+                               output_tokens, seed)
+    source.reseed(seed * 1_000 + process_index)
+    StreamingUser.prompt_source = source
+    return source
 
 
 def freeze_heap() -> None:
@@ -316,7 +362,7 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def _flush(environment: Environment, **_: Any) -> None:
+def finish_records(environment: Environment, **_: Any) -> None:
     """A test is stopping, has stopped, or the process quits: finish every record, send a worker's batch."""
     PARSER.finish_all()
     collector = collect.collector_of(environment)
@@ -331,7 +377,7 @@ def _flush_every_second(collector: collect.RecordCollector) -> None:
 
 
 def _on_quitting(environment: Environment, **_: Any) -> None:
-    _flush(environment)
+    finish_records(environment)
     options = environment.parsed_options
     path = getattr(options, "gpufleet_records_file", None) if options is not None else None
     if path and not isinstance(environment.runner, WorkerRunner):

@@ -125,7 +125,8 @@ def test_step_ramp_ticks_each_step_at_once_then_ends() -> None:
     users, spawn_rate = at(shape, 5.0).tick()
     assert users == 2 and spawn_rate >= 2  # the whole step spawns within a second
     assert at(shape, 9.9).tick() == (2, 2.0)
-    assert at(shape, 10.0).tick() is None  # ends by itself
+    assert at(shape, 10.0).tick() == (0, 2.0)  # the users stop, each finishing its request
+    assert at(shape, 10.0 + TinyRamp.drain_s).tick() is None  # ends by itself
 
 
 def test_step_ramp_labels_requests_by_send_time() -> None:
@@ -155,7 +156,7 @@ def test_step_ramp_user_classes_and_plan_override() -> None:
     shape = TinyRamp()
     shape.set_plan(concurrency_plan((3,), warmup_s=0, measure_s=1))
     assert at(shape, 0.5).tick() == (3, 3.0)
-    assert at(shape, 1.0).tick() is None
+    assert at(shape, 1.0).tick() == (0, 3.0)  # the new plan's end
 
 
 def test_a_worker_follows_the_masters_clock() -> None:

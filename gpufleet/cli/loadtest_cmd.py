@@ -1,0 +1,166 @@
+"""`gpufleet loadtest INVENTORY`: the SLO ramp (or open-loop rates) through the inventory's gateway.
+
+It reads the gateway's URL, the load test client's key, the served model, the SLOs and the
+Prometheus from the inventory, checks the target answers, then runs headless Locust with
+loadtests/locustfile.py and the shape (the same run a person can start by hand), which gates the
+run and writes the report. The exit code is the gate's: 0 every SLO held, 1 one failed, 2 the run
+could not be judged (including a target that does not answer, or a bad inventory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from gpufleet.cli.main import inventory_argument
+from gpufleet.errors import EXIT_CONFIG_ERROR
+from gpufleet.paths import REPO_ROOT
+
+LOADTESTS = REPO_ROOT / "loadtests"
+SHAPE_FILES = {"ramp": LOADTESTS / "ramp.py", "open-loop": LOADTESTS / "openloop.py"}
+APIS = ("openai-chat", "openai-completions", "tgi")
+PREFLIGHT_TIMEOUT_S = 10.0
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "loadtest", help="run the SLO load test through the gateway, gate it and write the report",
+        description="Run the seed's concurrency ramp (or open-loop rates) through the inventory's gateway with "
+        "Locust, judge every step against the inventory's slo and write the report (Markdown, HTML, JSON, "
+        "plots). Exit 0: every SLO held; 1: one failed; 2: the run could not be judged.",
+    )
+    inventory_argument(parser)
+    where = parser.add_argument_group("target")
+    where.add_argument("--gateway", metavar="HOST", help="the gateway host to load (default: the first)")
+    where.add_argument("--target", metavar="URL", help="send the load here instead of the gateway's address "
+                       "(a tunnel; the key, model and SLOs still come from the inventory)")
+    where.add_argument("--client", default="loadtest", help="the keys file's client whose key is sent; it must be "
+                       "in gateway.unlimited_clients (default loadtest)")
+    where.add_argument("--api", choices=APIS, default="openai-chat", help="the API to load (default openai-chat)")
+    where.add_argument("--prometheus", metavar="URL", help="Prometheus for the VRAM and GPU utilization columns "
+                       "(default: the inventory's monitoring host, when this machine reaches it)")
+    where.add_argument("--no-prometheus", action="store_true", help="leave the GPU columns out")
+    shape = parser.add_argument_group("load")
+    shape.add_argument("--shape", choices=sorted(SHAPE_FILES), default="ramp",
+                       help="ramp: closed-loop concurrency steps (default); open-loop: arrival rates")
+    shape.add_argument("--concurrency", metavar="N,N,...", default="1,4,8,16,32,64",
+                       help="ramp steps (default the seed's 1,4,8,16,32,64)")
+    shape.add_argument("--rates", metavar="R,R,...", default="1,2,4", help="open-loop requests/s per step")
+    shape.add_argument("--burstiness", type=float, default=1.0, help="open loop: 1 Poisson (default), inf constant")
+    shape.add_argument("--max-in-flight", type=int, help="open loop: cap on requests outstanding")
+    shape.add_argument("--warmup-s", type=float, default=30.0, help="warm-up of each step, left out (default 30)")
+    shape.add_argument("--measure-s", type=float, default=120.0, help="measured seconds of each step (default 120)")
+    shape.add_argument("--prompts", choices=("synthetic", "chat-set"), default="synthetic",
+                       help="synthetic: exact input and output lengths (default); chat-set: the shipped chat prompts")
+    shape.add_argument("--input-tokens", type=int, default=512, help="synthetic prompt length (default 512)")
+    shape.add_argument("--output-tokens", type=int, default=512, help="output length, forced (default 512)")
+    shape.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals")
+    shape.add_argument("--processes", type=int, default=1,
+                       help="Locust worker processes on this machine (one per core for high loads; default 1)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", help="report folder (default reports/loadtest-<UTC time>)")
+    out.add_argument("--web", action="store_true",
+                     help="run with Locust's web UI on 127.0.0.1:8089 instead of headless (start it from the page)")
+    out.add_argument("--print-command", action="store_true",
+                     help="print the Locust command it would run (the key file shown as a placeholder) and exit")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpufleet.fleet import load_fleet
+    from gpufleet.loadtest.locust_gate import default_report_dir
+    from gpufleet.loadtest.target import resolve
+
+    problem = _argument_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    fleet = load_fleet(args.inventory)
+    target = resolve(fleet, gateway=args.gateway, client=args.client, url=args.target,
+                     prometheus_url=None if args.no_prometheus else args.prometheus)
+    prometheus = None if args.no_prometheus else target.prometheus_url
+    report_dir = args.out or default_report_dir()
+    if args.print_command:
+        print(shlex.join(locust_command(args, target, "<key file>", report_dir, prometheus)))
+        return 0
+    for note in target.notes:
+        print(f"note: {note}", file=sys.stderr)
+    failure = preflight(target.url, target.api_key)
+    if failure:
+        message, fix = failure
+        print(f"error: {message}\n  fix: {fix}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"load test: {target.url} ({target.gateway}), model {target.served_name}, slo of {target.slo_host}, "
+          f"report in {report_dir}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="gpufleet-loadtest-") as private:
+        key_file = Path(private) / "api_key"  # the folder is 0700; the file 0600: the key never reaches argv
+        key_file.touch(mode=0o600)
+        key_file.write_text((target.api_key or "") + "\n", encoding="utf-8")
+        command = locust_command(args, target, str(key_file), report_dir, prometheus)
+        return subprocess.run(command, cwd=REPO_ROOT, check=False).returncode
+
+
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    if args.prompts == "chat-set" and args.api != "openai-chat":
+        return "--prompts chat-set holds chat messages: use it with --api openai-chat, or --prompts synthetic"
+    if args.processes < 1:
+        return f"--processes must be >= 1, got {args.processes}"
+    if args.input_tokens < 1 or args.output_tokens < 1:
+        return "--input-tokens and --output-tokens must be >= 1"
+    return None
+
+
+def locust_command(args: argparse.Namespace, target: Any, key_file: str, report_dir: str,
+                   prometheus: str | None) -> list[str]:
+    """The Locust command line for this run: every value from the inventory or the arguments."""
+    files = f"{LOADTESTS / 'locustfile.py'},{SHAPE_FILES[args.shape]}"
+    command = [sys.executable, "-m", "locust", "-f", files, "--host", target.url,
+               "--gpufleet-api-key-file", key_file, "--gpufleet-api", args.api,
+               "--gpufleet-model", target.served_name, "--gpufleet-max-tokens", str(args.output_tokens),
+               "--gpufleet-prompts", args.prompts, "--gpufleet-input-tokens", str(args.input_tokens),
+               "--gpufleet-seed", str(args.seed),
+               "--gpufleet-inventory", str(args.inventory), "--gpufleet-slo-host", target.slo_host,
+               "--gpufleet-report-dir", report_dir,
+               "--gpufleet-records-file", str(Path(report_dir) / "records.jsonl"),
+               "--gpufleet-warmup-s", f"{args.warmup_s:g}", "--gpufleet-measure-s", f"{args.measure_s:g}"]
+    if args.shape == "ramp":
+        command += ["--gpufleet-concurrency", args.concurrency]
+    else:
+        command += ["--gpufleet-rates", args.rates, "--gpufleet-burstiness", f"{args.burstiness:g}"]
+        if args.max_in_flight:
+            command += ["--gpufleet-max-in-flight", str(args.max_in_flight)]
+    if prometheus:
+        command += ["--gpufleet-prometheus-url", prometheus, "--gpufleet-gpu-selector", target.gpu_selector]
+    if args.processes > 1:
+        command += ["--processes", str(args.processes)]
+    if args.web:
+        command += ["--web-host", "127.0.0.1", "--web-port", "8089"]
+    else:
+        command += ["--headless", "--only-summary"]
+    return command
+
+
+def preflight(url: str, api_key: str | None) -> tuple[str, str] | None:
+    """None when the target answers `GET /v1/models` with the key; else (what went wrong, how to fix it)."""
+    probe = f"{url}/v1/models"
+    request = urllib.request.Request(probe, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    down = "check that the gateway and its engines are up (on the test bed: make serve)"
+    try:
+        with urllib.request.urlopen(request, timeout=PREFLIGHT_TIMEOUT_S) as response:
+            json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            return (f"GET {probe}: HTTP 401, the key was refused",
+                    "deploy the gateway again after adding keys (deploy/gateway.py; on the test bed: make serve)")
+        return f"GET {probe}: HTTP {exc.code}", down
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"GET {probe}: the target does not answer ({getattr(exc, 'reason', exc)})", down
+    return None
