@@ -4,8 +4,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+LOADTEST_ARGS ?=
 
-.PHONY: help setup venv test test-unit test-integration test-e2e images lint plan validate docs testbed-up testbed-down provision serve monitoring rollout demo demo-down bench clean
+.PHONY: help setup venv test test-unit test-integration test-e2e images lint plan validate docs testbed-up testbed-down provision serve monitoring loadtest rollout demo demo-down bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -59,6 +60,9 @@ serve: setup ## start the engines (the simulator) and their nginx gateway on the
 
 monitoring: setup ## exporters on every test bed host; Prometheus, Alertmanager, Grafana on mon-01 (after serve)
 	$(BIN)/pyinfra -y inventories/local/inventory.py deploy/monitoring.py
+
+loadtest: setup ## the SLO ramp through the test bed's gateway (after site.py): verdict, report in reports/; LOADTEST_ARGS=... adds options
+	$(BIN)/gpufleet loadtest inventories/local $(LOADTEST_ARGS)
 
 rollout: setup ## rolling update of the test bed's engines to the inventory's current spec (deploy/rollout.py)
 	$(BIN)/pyinfra -y inventories/local/inventory.py deploy/rollout.py

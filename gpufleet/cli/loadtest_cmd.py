@@ -22,7 +22,7 @@ from typing import Any
 
 from gpufleet.cli.main import inventory_argument
 from gpufleet.errors import EXIT_CONFIG_ERROR
-from gpufleet.paths import REPO_ROOT
+from gpufleet.paths import REPO_ROOT, default_report_dir
 
 LOADTESTS = REPO_ROOT / "loadtests"
 SHAPE_FILES = {"ramp": LOADTESTS / "ramp.py", "open-loop": LOADTESTS / "openloop.py"}
@@ -65,6 +65,9 @@ def register(commands: Any) -> None:
     shape.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals")
     shape.add_argument("--processes", type=int, default=1,
                        help="Locust worker processes on this machine (one per core for high loads; default 1)")
+    shape.add_argument("--sweep", action="store_true",
+                       help="find the highest concurrency (ramp) or rate (open loop) meeting every SLO: one run per "
+                       "level in order, then bisection between the last pass and the first fail")
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", help="report folder (default reports/loadtest-<UTC time>)")
     out.add_argument("--web", action="store_true",
@@ -76,7 +79,6 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpufleet.fleet import load_fleet
-    from gpufleet.loadtest.locust_gate import default_report_dir
     from gpufleet.loadtest.target import resolve
 
     problem = _argument_problem(args)
@@ -88,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
                      prometheus_url=None if args.no_prometheus else args.prometheus)
     prometheus = None if args.no_prometheus else target.prometheus_url
     report_dir = args.out or default_report_dir()
+    for note in target.notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.print_command:
         print(shlex.join(locust_command(args, target, "<key file>", report_dir, prometheus)))
         return 0
-    for note in target.notes:
-        print(f"note: {note}", file=sys.stderr)
     failure = preflight(target.url, target.api_key)
     if failure:
         message, fix = failure
@@ -104,8 +106,60 @@ def run(args: argparse.Namespace) -> int:
         key_file = Path(private) / "api_key"  # the folder is 0700; the file 0600: the key never reaches argv
         key_file.touch(mode=0o600)
         key_file.write_text((target.api_key or "") + "\n", encoding="utf-8")
+        if args.sweep:
+            return run_sweep(args, target, str(key_file), report_dir, prometheus)
         command = locust_command(args, target, str(key_file), report_dir, prometheus)
         return subprocess.run(command, cwd=REPO_ROOT, check=False).returncode
+
+
+def run_sweep(args: argparse.Namespace, target: Any, key_file: str, report_dir: str, prometheus: str | None) -> int:
+    """One single-step run per trial (each with its own report folder), searched by gpufleet.loadtest.sweep.
+
+    A trial the gate calls invalid (exit 2) ends the search: its level was neither met nor missed.
+    """
+    from gpufleet.loadtest.shape_options import parse_list
+    from gpufleet.loadtest.sweep import sweep_concurrency, sweep_rate
+
+    ramp = args.shape == "ramp"
+
+    def trial(value: float) -> bool:
+        level = str(int(value)) if ramp else f"{value:g}"
+        name = f"concurrency-{level}" if ramp else f"rate-{level}"
+        single = argparse.Namespace(**{**vars(args), "concurrency": level, "rates": level})
+        print(f"sweep: {name}", flush=True)
+        code = subprocess.run(locust_command(single, target, key_file, str(Path(report_dir) / name), prometheus),
+                              cwd=REPO_ROOT, check=False).returncode
+        if code not in (0, 1):
+            raise InvalidTrial(name, code)
+        return code == 0
+
+    try:
+        if ramp:
+            result = sweep_concurrency(trial, parse_list("--concurrency", args.concurrency, int))
+        else:
+            result = sweep_rate(trial, parse_list("--rates", args.rates, float))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except InvalidTrial as exc:
+        print(f"sweep stopped: {exc.name} could not be judged (exit {exc.code}); see its report in {report_dir}",
+              flush=True)
+        return exc.code
+    unit = "concurrency" if ramp else "requests/s"
+    tried = ", ".join(f"{value:g} {'pass' if passed else 'fail'}" for value, passed in result.trials)
+    if result.best is None:
+        print(f"sweep: no {unit} met every SLO ({tried}); reports in {report_dir}")
+        return 1
+    ceiling = "above the levels tried" if result.first_fail is None else f"{result.first_fail:g} failed"
+    print(f"sweep: highest {unit} meeting every SLO: {result.best:g} ({ceiling}; {tried}); reports in {report_dir}")
+    return 0
+
+
+class InvalidTrial(Exception):
+    def __init__(self, name: str, code: int) -> None:
+        super().__init__(name)
+        self.name = name
+        self.code = code
 
 
 def _argument_problem(args: argparse.Namespace) -> str | None:
@@ -155,7 +209,7 @@ def preflight(url: str, api_key: str | None) -> tuple[str, str] | None:
     down = "check that the gateway and its engines are up (on the test bed: make serve)"
     try:
         with urllib.request.urlopen(request, timeout=PREFLIGHT_TIMEOUT_S) as response:
-            json.load(response)
+            body = response.read()
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             return (f"GET {probe}: HTTP 401, the key was refused",
@@ -163,4 +217,9 @@ def preflight(url: str, api_key: str | None) -> tuple[str, str] | None:
         return f"GET {probe}: HTTP {exc.code}", down
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return f"GET {probe}: the target does not answer ({getattr(exc, 'reason', exc)})", down
+    try:
+        json.loads(body)
+    except ValueError:
+        return (f"GET {probe}: answered 200 but not with JSON: something other than the gateway listens there",
+                "check the address and port (gateway.listen, or --target)")
     return None

@@ -51,7 +51,7 @@ class Collector(Generic[T]):
         self.encode = encode
         self.decode = decode
         self.records: list[T] = []  # master and local: the whole run's items
-        self.batch: list[dict[str, Any]] = []  # worker: not yet sent
+        self.batch: list[Any] = []  # worker: not yet sent
         self.sent = 0  # worker: records sent so far
         self.last_flush = clock()
 

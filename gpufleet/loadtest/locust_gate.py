@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 import weakref
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from gpufleet.loadtest import collect, cpu, users
 from gpufleet.loadtest.gate import EXIT_INVALID, SloSource, Verdict, evaluate, slo_from_fleet
 from gpufleet.loadtest.report import ReportFiles, RunMeta, write_report
 from gpufleet.loadtest.shapes import OpenLoopShape, StepRampShape
+from gpufleet.paths import default_report_dir
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +134,6 @@ def write_run_report(environment: Environment, verdict: Verdict) -> ReportFiles:
                           "processes": getattr(options, "processes", None)})
     return write_report(out, verdict, meta, prometheus_url=options.gpufleet_prometheus_url or None,
                         prometheus_selector=options.gpufleet_gpu_selector or "")
-
-
-def default_report_dir(now: float | None = None) -> str:
-    stamp = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"reports/loadtest-{stamp}"
 
 
 def _shape_text(environment: Environment) -> str:

@@ -29,8 +29,8 @@ def add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("gpufleet load shape", "the step ramp (ramp.py) or open-loop rates (openloop.py)")
     group.add_argument("--gpufleet-concurrency", metavar="N,N,...", default=",".join(map(str, SEED_CONCURRENCY)),
                        help="ramp: the concurrency of each step (default the seed's 1,4,8,16,32,64)")
-    group.add_argument("--gpufleet-rates", metavar="R,R,...", default="1",
-                       help="open loop: requests per second of each step (default 1)")
+    group.add_argument("--gpufleet-rates", metavar="R,R,...", default="1,2,4",
+                       help="open loop: requests per second of each step (default 1,2,4)")
     group.add_argument("--gpufleet-burstiness", metavar="B", type=float, default=1.0,
                        help="open loop: gamma shape of the gaps; 1 Poisson (default), inf a constant rate")
     group.add_argument("--gpufleet-max-in-flight", metavar="N", type=int, default=None,

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from gpufleet.errors import ConfigError, Problem
 from gpufleet.fleet import Fleet, FleetHost
-from gpufleet.paths import display_path
+from gpufleet.paths import ROLES_DIR, display_path
 from gpufleet.planner.reach import host_port
 from gpufleet.schema.units import parse_listen
 
@@ -93,13 +95,22 @@ def _client_key(fleet: Fleet, host: FleetHost, client: str) -> str:
                                    fix=f"gpufleet keys add {inventory} {client}; list it in gateway.unlimited_clients "
                                    "and deploy the gateway again (deploy/gateway.py), or pass --client NAME")])
     if client not in settings.unlimited_clients:
-        origin = host.source.origin_of(("gateway",)) or host.source.defined_at
+        origin = _inventory_origin(host, ("gateway", "unlimited_clients"), ("gateway", "api_keys_file"))
         raise ConfigError([Problem(
             file=origin.file, line=origin.line, key="gateway.unlimited_clients", host=host.name,
             message=f"client {client!r} is held to {settings.rate_per_second:g} requests/s and "
                     f"{settings.max_conns_per_key} connections per key: the load test would measure the rate limit",
             fix=f"add {client} to gateway.unlimited_clients and deploy the gateway again (deploy/gateway.py)")])
     return found[0]
+
+
+def _inventory_origin(host: FleetHost, *keys: tuple[str, ...]) -> Any:
+    """The first of `keys` set in the inventory itself (not a role's defaults), else where the host is defined."""
+    for key in keys:
+        origin = host.source.origin_of(key)
+        if origin is not None and not Path(origin.file).is_relative_to(display_path(ROLES_DIR)):
+            return origin
+    return host.source.defined_at
 
 
 def _gateway_url(host: FleetHost) -> str:
@@ -134,7 +145,9 @@ def _prometheus_url(fleet: Fleet) -> tuple[str | None, str | None]:
             continue
         port = monitoring.ports.prometheus
         if host.config.ansible_connection == "docker":  # the test bed's monitoring host shares this network
-            return f"http://{host_port(monitoring.listen_address, port)}", None
+            address = monitoring.listen_address
+            local = "127.0.0.1" if ipaddress.ip_address(address).is_unspecified else address
+            return f"http://{host_port(local, port)}", None
         reached = controller_address(monitoring.listen_address, host)
         if reached is None:
             return None, (f"Prometheus on {host.name} listens on {monitoring.listen_address}, out of this machine's "

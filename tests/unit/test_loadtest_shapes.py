@@ -3,29 +3,18 @@ the dispatcher (intended times, max-in-flight cap, lag), and the SLO sweep searc
 
 from __future__ import annotations
 
+import tests.unit.locust_unpatched  # noqa: F401  (before anything imports Locust)
+
+# isort: split
+
 import math
-import os
 import statistics
-import sys
 import time
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-import pytest
-
-# Importing Locust monkey-patches the whole process with gevent unless told not to; the other unit
-# tests (asyncio, threads) must not run patched, and nothing here needs the patch.
-if "locust" not in sys.modules:
-    _saved = os.environ.get("LOCUST_SKIP_MONKEY_PATCH")
-    os.environ["LOCUST_SKIP_MONKEY_PATCH"] = "1"
-    import locust  # noqa: F401
-
-    if _saved is None:
-        del os.environ["LOCUST_SKIP_MONKEY_PATCH"]
-    else:
-        os.environ["LOCUST_SKIP_MONKEY_PATCH"] = _saved
-
 import gevent
+import pytest
 from locust import FastHttpUser, User, task
 from locust.env import Environment
 from locust.util.load_locustfile import is_shape_class
