@@ -67,12 +67,13 @@ loadtest: setup ## the SLO ramp through the test bed's gateway (after site.py): 
 rollout: setup ## rolling update of the test bed's engines to the inventory's current spec (deploy/rollout.py)
 	$(BIN)/pyinfra -y inventories/local/inventory.py deploy/rollout.py
 
-bench: setup ## run the benchmarks in benchmarks/ and print their figures (about 10 minutes)
+bench: setup ## run the benchmarks in benchmarks/ and print their figures (about 20 minutes)
 	$(BIN)/python benchmarks/bench_inventory.py
 	$(BIN)/python benchmarks/bench_sim_capacity.py
 	$(BIN)/python benchmarks/bench_gpu_rerun.py
 	$(BIN)/python benchmarks/bench_gateway_ttft.py
 	$(BIN)/python benchmarks/bench_exporter.py
+	$(BIN)/python benchmarks/bench_loadtest_client.py
 
 demo: ## run the whole chain on this machine (not yet: lands with the one-machine test bed)
 	@echo "make demo: not yet. The one-machine test bed (simulated GPU hosts, deploy, load test) is still" >&2

@@ -15,7 +15,9 @@ N goes up level by level (a fresh simulator each), every client at each level (a
 goes first). A client holds a level when, over the measured window, p99 |TTFT error| and p99
 |ITL error| are within 2 ms and no request failed, in any of up to 3 undisturbed runs (noise
 only ever adds delay); its capacity is the output tokens/s delivered at the highest level it
-held (counting up from the first). Samples from 20 ms intervals in which the hypervisor stole
+held. A client drops out after missing two levels in a row: one miss below a level it holds is
+the VM, not the client (at low rates an idle vCPU halts between tokens, and waking it costs up
+to milliseconds; docs/loadtest.md, "What the machine adds"). Samples from 20 ms intervals in which the hypervisor stole
 the client's CPU are left out (calibration.StealWatch; steal on the simulator's CPU delays its
 writes, not the times it logs after them). A run is disturbed, and repeated without counting
 (at most 6 runs in all), when other processes took more than 10% of either CPU, or steal
@@ -24,7 +26,7 @@ A level where the simulator itself fell behind its schedule (p99 write lag over 
 the moments its own CPU was stolen) ends the sweep, and capacities still holding there are
 lower bounds.
 Exit 0: measured; 2: the machine was too noisy to tell (the aiohttp reference could not hold
-even the first level, or the runs stayed disturbed).
+any level, or the runs stayed disturbed).
 
     .venv/bin/python benchmarks/bench_loadtest_client.py [--levels 16,32,64,96,128,160] [--window 8]
 """
@@ -65,6 +67,7 @@ MAX_DISTURBED = 0.2
 MIN_TTFT_SAMPLES = 100  # a p99 needs 100 samples (the gate's rule)
 MIN_ITL_SAMPLES = 5_000
 SIM_LAG_BOUND_MS = 1.0
+MAX_MISSES = 2  # a client drops out after missing this many levels in a row
 SIM_CPU, CLIENT_CPU = 0, 1
 KEY = "sk-gf-bench-loadtest-client-0123456789"
 CLIENTS = ("locust", "locust-requests", "aiohttp")
@@ -308,6 +311,7 @@ def measure_quietly(client: str, base: str, sim_pid: int, streams: int, args: ar
 def sweep(args: argparse.Namespace, folder: Path) -> tuple[dict[str, Run | None], str, list[str]]:
     """The clients level by level: each one's last held run, why the sweep ended, who still held."""
     best: dict[str, Run | None] = {client: None for client in args.clients}
+    misses = dict.fromkeys(args.clients, 0)  # levels missed in a row
     active = list(args.clients)
     key = folder / "key"
     for number, streams in enumerate(args.levels):
@@ -325,9 +329,11 @@ def sweep(args: argparse.Namespace, folder: Path) -> tuple[dict[str, Run | None]
             return best, f"simulator limit at {streams} streams (its write lag p99 over {SIM_LAG_BOUND_MS} ms)", active
         for client, run in runs.items():
             if run.holds:
-                best[client] = run
+                best[client], misses[client] = run, 0
             else:
-                active.remove(client)
+                misses[client] += 1
+                if misses[client] >= MAX_MISSES:
+                    active.remove(client)
         if not active:
             return best, "every client went over the bound", active
     return best, "levels exhausted", active
@@ -337,13 +343,13 @@ def report(best: dict[str, Run | None], ended: str, holding: list[str]) -> int:
     reference = best["aiohttp"]
     print(f"sweep ended: {ended}")
     if ended == "noisy" or reference is None:
-        print("the machine was too noisy to tell (the aiohttp reference did not hold 2 ms p99 at the first level, "
+        print("the machine was too noisy to tell (the aiohttp reference did not hold 2 ms p99 at any level, "
               "or other processes kept disturbing the runs)")
         return 2
 
     def capacity(client: str, run: Run | None, name: str) -> float:
         if run is None:
-            print(f"{name}: did not hold {BOUND_MS} ms p99 at the first level")
+            print(f"{name}: did not hold {BOUND_MS} ms p99 at any level")
             return 0.0
         bound = ">= " if client in holding else ""  # the sweep ended before this client went over
         print(f"{name}: {bound}{run.tokens_per_s:,.0f} output tokens/s within {BOUND_MS} ms p99 "
