@@ -34,7 +34,7 @@ images: setup ## build the test bed's images if missing or out of date: gpufleet
 	$(BIN)/python -m gpufleet.testbed.images
 
 lint: venv ## ruff over the code and tests
-	$(BIN)/ruff check gpufleet roles deploy inventories tests benchmarks
+	$(BIN)/ruff check gpufleet roles deploy inventories tests benchmarks loadtests
 
 plan: venv ## capacity plan of the example fleet (the seed's 4x RTX 4090D hosts)
 	$(BIN)/gpufleet plan inventories/example
