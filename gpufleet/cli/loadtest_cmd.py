@@ -22,11 +22,20 @@ from typing import Any
 
 from gpufleet.cli.main import inventory_argument
 from gpufleet.errors import EXIT_CONFIG_ERROR
+from gpufleet.loadtest.prompts import SEED_INPUT_LENGTHS, SEED_OUTPUT_TOKENS
+from gpufleet.loadtest.schedule import (
+    DEFAULT_MEASURE_S,
+    DEFAULT_RATES,
+    DEFAULT_WARMUP_S,
+    SEED_CONCURRENCY,
+    levels_text,
+)
+from gpufleet.loadtest.sse import APIS, OPENAI_CHAT
+from gpufleet.loadtest.target import LOADTEST_CLIENT, resolve
 from gpufleet.paths import REPO_ROOT, default_report_dir
 
 LOADTESTS = REPO_ROOT / "loadtests"
 SHAPE_FILES = {"ramp": LOADTESTS / "ramp.py", "open-loop": LOADTESTS / "openloop.py"}
-APIS = ("openai-chat", "openai-completions", "tgi")
 PREFLIGHT_TIMEOUT_S = 10.0
 
 
@@ -42,26 +51,31 @@ def register(commands: Any) -> None:
     where.add_argument("--gateway", metavar="HOST", help="the gateway host to load (default: the first)")
     where.add_argument("--target", metavar="URL", help="send the load here instead of the gateway's address "
                        "(a tunnel; the key, model and SLOs still come from the inventory)")
-    where.add_argument("--client", default="loadtest", help="the keys file's client whose key is sent; it must be "
-                       "in gateway.unlimited_clients (default loadtest)")
-    where.add_argument("--api", choices=APIS, default="openai-chat", help="the API to load (default openai-chat)")
+    where.add_argument("--client", default=LOADTEST_CLIENT, help="the keys file's client whose key is sent; it "
+                       f"must be in gateway.unlimited_clients (default {LOADTEST_CLIENT})")
+    where.add_argument("--api", choices=APIS, default=OPENAI_CHAT, help=f"the API to load (default {OPENAI_CHAT})")
     where.add_argument("--prometheus", metavar="URL", help="Prometheus for the VRAM and GPU utilization columns "
                        "(default: the inventory's monitoring host, when this machine reaches it)")
     where.add_argument("--no-prometheus", action="store_true", help="leave the GPU columns out")
     shape = parser.add_argument_group("load")
     shape.add_argument("--shape", choices=sorted(SHAPE_FILES), default="ramp",
                        help="ramp: closed-loop concurrency steps (default); open-loop: arrival rates")
-    shape.add_argument("--concurrency", metavar="N,N,...", default="1,4,8,16,32,64",
-                       help="ramp steps (default the seed's 1,4,8,16,32,64)")
-    shape.add_argument("--rates", metavar="R,R,...", default="1,2,4", help="open-loop requests/s per step")
+    shape.add_argument("--concurrency", metavar="N,N,...", default=levels_text(SEED_CONCURRENCY),
+                       help=f"ramp steps (default the seed's {levels_text(SEED_CONCURRENCY)})")
+    shape.add_argument("--rates", metavar="R,R,...", default=levels_text(DEFAULT_RATES),
+                       help=f"open-loop requests/s per step (default {levels_text(DEFAULT_RATES)})")
     shape.add_argument("--burstiness", type=float, default=1.0, help="open loop: 1 Poisson (default), inf constant")
     shape.add_argument("--max-in-flight", type=int, help="open loop: cap on requests outstanding")
-    shape.add_argument("--warmup-s", type=float, default=30.0, help="warm-up of each step, left out (default 30)")
-    shape.add_argument("--measure-s", type=float, default=120.0, help="measured seconds of each step (default 120)")
+    shape.add_argument("--warmup-s", type=float, default=DEFAULT_WARMUP_S,
+                       help=f"warm-up of each step, left out (default {DEFAULT_WARMUP_S:g})")
+    shape.add_argument("--measure-s", type=float, default=DEFAULT_MEASURE_S,
+                       help=f"measured seconds of each step (default {DEFAULT_MEASURE_S:g})")
     shape.add_argument("--prompts", choices=("synthetic", "chat-set"), default="synthetic",
                        help="synthetic: exact input and output lengths (default); chat-set: the shipped chat prompts")
-    shape.add_argument("--input-tokens", type=int, default=512, help="synthetic prompt length (default 512)")
-    shape.add_argument("--output-tokens", type=int, default=512, help="output length, forced (default 512)")
+    shape.add_argument("--input-tokens", type=int, default=SEED_INPUT_LENGTHS[0],
+                       help=f"synthetic prompt length (default the seed's {SEED_INPUT_LENGTHS[0]})")
+    shape.add_argument("--output-tokens", type=int, default=SEED_OUTPUT_TOKENS,
+                       help=f"output length, forced (default the seed's {SEED_OUTPUT_TOKENS})")
     shape.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals")
     shape.add_argument("--processes", type=int, default=1,
                        help="Locust worker processes on this machine (one per core for high loads; default 1)")
@@ -79,7 +93,6 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpufleet.fleet import load_fleet
-    from gpufleet.loadtest.target import resolve
 
     problem = _argument_problem(args)
     if problem:
@@ -163,7 +176,7 @@ class InvalidTrial(Exception):
 
 
 def _argument_problem(args: argparse.Namespace) -> str | None:
-    if args.prompts == "chat-set" and args.api != "openai-chat":
+    if args.prompts == "chat-set" and args.api != OPENAI_CHAT:
         return "--prompts chat-set holds chat messages: use it with --api openai-chat, or --prompts synthetic"
     if args.processes < 1:
         return f"--processes must be >= 1, got {args.processes}"

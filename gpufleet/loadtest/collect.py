@@ -22,13 +22,15 @@ from typing import Any, Generic, TypeVar
 from gpufleet.loadtest.record import RequestRecord
 
 T = TypeVar("T")
+C = TypeVar("C", bound="Collector[Any]")
 MESSAGE = "gpufleet_records"
 FLUSH_INTERVAL_S = 1.0
 MASTER, WORKER, LOCAL = "master", "worker", "local"
 
 log = logging.getLogger(__name__)
 
-_COLLECTORS: weakref.WeakKeyDictionary[Any, RecordCollector] = weakref.WeakKeyDictionary()
+# environment -> message -> its collector (the records', the CPU samples')
+_COLLECTORS: weakref.WeakKeyDictionary[Any, dict[str, Collector[Any]]] = weakref.WeakKeyDictionary()
 
 
 class Collector(Generic[T]):
@@ -116,15 +118,21 @@ class RecordCollector(Collector[RequestRecord]):
                          decode=RequestRecord.from_dict)
 
 
-def attach(environment: Any, collector: RecordCollector) -> RecordCollector:
-    """Make `collector` the environment's; the master also registers the records message."""
-    _COLLECTORS[environment] = collector
+def attach(environment: Any, collector: C) -> C:
+    """Make `collector` the environment's for its message; a master also registers the message."""
+    _COLLECTORS.setdefault(environment, {})[collector.message] = collector
     collector.attach_to(environment.runner)
     return collector
 
 
-def collector_of(environment: Any) -> RecordCollector | None:
-    return _COLLECTORS.get(environment)
+def collector_of(environment: Any, message: str = MESSAGE) -> Collector[Any] | None:
+    return _COLLECTORS.get(environment, {}).get(message)
+
+
+def collected(environment: Any, message: str) -> list[Any]:
+    """Every item of `message` the run has gathered so far (the master's, or a single process's)."""
+    collector = collector_of(environment, message)
+    return list(collector.records) if collector is not None else []
 
 
 def collected_records(environment: Any) -> list[RequestRecord]:
@@ -134,5 +142,4 @@ def collected_records(environment: Any) -> list[RequestRecord]:
     environment. Records arrive in completion order per worker, not globally sorted; percentiles
     come from these raw values, never from Locust's rounded buckets.
     """
-    collector = _COLLECTORS.get(environment)
-    return list(collector.records) if collector is not None else []
+    return collected(environment, MESSAGE)

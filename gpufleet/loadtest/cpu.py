@@ -13,20 +13,17 @@ No Locust import: locust_gate.py wires it to the runner.
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import psutil
 
+from gpufleet.loadtest import collect
 from gpufleet.loadtest.collect import Collector
 from gpufleet.loadtest.gate import CpuSample
 
 MESSAGE = "gpufleet_cpu"
 SAMPLE_INTERVAL_S = 1.0
-
-_COLLECTORS: weakref.WeakKeyDictionary[Any, Collector[CpuSample]] = weakref.WeakKeyDictionary()
-
 
 def encode(sample: CpuSample) -> list[Any]:
     return [sample.epoch, sample.percent, sample.worker]
@@ -41,21 +38,13 @@ def collector(role: str, send: Callable[[str, Any], None] | None = None) -> Coll
     return Collector(role, send, message=MESSAGE, encode=encode, decode=decode)
 
 
-def attach(environment: Any, kept: Collector[CpuSample]) -> Collector[CpuSample]:
-    """Make `kept` the environment's CPU collector; a master takes the workers' samples from now on."""
-    _COLLECTORS[environment] = kept
-    kept.attach_to(environment.runner)
-    return kept
-
-
 def collector_of(environment: Any) -> Collector[CpuSample] | None:
-    return _COLLECTORS.get(environment)
+    return collect.collector_of(environment, MESSAGE)
 
 
 def collected_samples(environment: Any) -> list[CpuSample]:
     """Every CPU sample of the run so far (the master's: all workers'); empty on a worker."""
-    kept = _COLLECTORS.get(environment)
-    return list(kept.records) if kept is not None else []
+    return collect.collected(environment, MESSAGE)
 
 
 class CpuSampler:

@@ -68,12 +68,12 @@ def _on_init(environment: Environment, **_: Any) -> None:
     runner = environment.runner
     if isinstance(runner, WorkerRunner):
         # a worker samples whenever it runs users: whether the master gates is the master's business
-        sampler = cpu.CpuSampler(cpu.attach(environment, cpu.collector(collect.WORKER, runner.send_message)),
+        sampler = cpu.CpuSampler(collect.attach(environment, cpu.collector(collect.WORKER, runner.send_message)),
                                  runner.client_id)
         runner.greenlet.spawn(_sample_forever, sampler)
         return
     if isinstance(runner, MasterRunner):  # takes the workers' samples even when it does not gate
-        cpu.attach(environment, cpu.collector(collect.MASTER))
+        collect.attach(environment, cpu.collector(collect.MASTER))
     if not _gating(environment):
         return
     options = environment.parsed_options
@@ -88,7 +88,7 @@ def _on_init(environment: Environment, **_: Any) -> None:
                   "(e.g. -f loadtests/locustfile.py,loadtests/ramp.py)")
         sys.exit(EXIT_INVALID)
     if not isinstance(runner, MasterRunner):
-        sampler = cpu.CpuSampler(cpu.attach(environment, cpu.collector(collect.LOCAL)), "local")
+        sampler = cpu.CpuSampler(collect.attach(environment, cpu.collector(collect.LOCAL)), "local")
         runner.greenlet.spawn(_sample_forever, sampler)
 
 

@@ -25,6 +25,9 @@ from functools import cached_property
 
 WARMUP_PREFIX = "warmup:"
 SEED_CONCURRENCY: tuple[int, ...] = (1, 4, 8, 16, 32, 64)  # the seed's 4x4090D table
+DEFAULT_RATES: tuple[float, ...] = (1.0, 2.0, 4.0)  # open-loop requests/s when none are given
+DEFAULT_WARMUP_S = 30.0
+DEFAULT_MEASURE_S = 120.0
 
 
 def is_measured(step: str) -> bool:
@@ -121,8 +124,8 @@ def _seconds(value: float) -> str:
     return f"{value:g} s"
 
 
-def concurrency_plan(levels: Sequence[int] = SEED_CONCURRENCY, warmup_s: float = 30.0,
-                     measure_s: float = 120.0) -> StepPlan:
+def concurrency_plan(levels: Sequence[int] = SEED_CONCURRENCY, warmup_s: float = DEFAULT_WARMUP_S,
+                     measure_s: float = DEFAULT_MEASURE_S) -> StepPlan:
     """The seed's step ramp: one step per concurrency level, labelled `concurrency=N`."""
     if not levels:
         raise ValueError("a step plan needs at least one concurrency level")
@@ -185,8 +188,8 @@ class OpenLoopPlan:
     """
 
     rates: tuple[float, ...]
-    warmup_s: float = 30.0
-    measure_s: float = 120.0
+    warmup_s: float = DEFAULT_WARMUP_S
+    measure_s: float = DEFAULT_MEASURE_S
     burstiness: float = 1.0
     seed: int = 0
     max_in_flight: int | None = None
@@ -253,3 +256,8 @@ def shard(arrivals: Sequence[Arrival], index: int, count: int) -> list[Arrival]:
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard index {index} of {count} is out of range")
     return list(arrivals[index::count])
+
+
+def levels_text(levels: Sequence[float]) -> str:
+    """Levels as the command line writes them: "1,4,8"."""
+    return ",".join(f"{level:g}" for level in levels)

@@ -17,7 +17,15 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 
 from gpufleet.loadtest import users
-from gpufleet.loadtest.schedule import SEED_CONCURRENCY, OpenLoopPlan, concurrency_plan
+from gpufleet.loadtest.schedule import (
+    DEFAULT_MEASURE_S,
+    DEFAULT_RATES,
+    DEFAULT_WARMUP_S,
+    SEED_CONCURRENCY,
+    OpenLoopPlan,
+    concurrency_plan,
+    levels_text,
+)
 from gpufleet.loadtest.shapes import OpenLoopDispatcher, OpenLoopShape, StepRampShape
 
 log = logging.getLogger(__name__)
@@ -27,18 +35,18 @@ _INSTALLED: set[int] = set()  # id(events) already wired
 
 def add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("gpufleet load shape", "the step ramp (ramp.py) or open-loop rates (openloop.py)")
-    group.add_argument("--gpufleet-concurrency", metavar="N,N,...", default=",".join(map(str, SEED_CONCURRENCY)),
-                       help="ramp: the concurrency of each step (default the seed's 1,4,8,16,32,64)")
-    group.add_argument("--gpufleet-rates", metavar="R,R,...", default="1,2,4",
-                       help="open loop: requests per second of each step (default 1,2,4)")
+    group.add_argument("--gpufleet-concurrency", metavar="N,N,...", default=levels_text(SEED_CONCURRENCY),
+                       help=f"ramp: the concurrency of each step (default the seed's {levels_text(SEED_CONCURRENCY)})")
+    group.add_argument("--gpufleet-rates", metavar="R,R,...", default=levels_text(DEFAULT_RATES),
+                       help=f"open loop: requests per second of each step (default {levels_text(DEFAULT_RATES)})")
     group.add_argument("--gpufleet-burstiness", metavar="B", type=float, default=1.0,
                        help="open loop: gamma shape of the gaps; 1 Poisson (default), inf a constant rate")
     group.add_argument("--gpufleet-max-in-flight", metavar="N", type=int, default=None,
                        help="open loop: requests outstanding at once; later arrivals wait and show as dispatch lag")
-    group.add_argument("--gpufleet-warmup-s", metavar="S", type=float, default=30.0,
-                       help="seconds of each step before it is measured (default 30)")
-    group.add_argument("--gpufleet-measure-s", metavar="S", type=float, default=120.0,
-                       help="seconds each step is measured (default 120)")
+    group.add_argument("--gpufleet-warmup-s", metavar="S", type=float, default=DEFAULT_WARMUP_S,
+                       help=f"seconds of each step before it is measured (default {DEFAULT_WARMUP_S:g})")
+    group.add_argument("--gpufleet-measure-s", metavar="S", type=float, default=DEFAULT_MEASURE_S,
+                       help=f"seconds each step is measured (default {DEFAULT_MEASURE_S:g})")
 
 
 def install(events: Any) -> None:

@@ -33,6 +33,8 @@ from locust.runners import MasterRunner, WorkerRunner
 
 from gpufleet.loadtest.prompts import Prompt
 from gpufleet.loadtest.schedule import (
+    DEFAULT_MEASURE_S,
+    DEFAULT_WARMUP_S,
     SEED_CONCURRENCY,
     WARMUP_PREFIX,
     Arrival,
@@ -195,8 +197,8 @@ class StepRampShape(_ClockedShape):
 
     abstract = True
     concurrencies: ClassVar[Sequence[int]] = SEED_CONCURRENCY
-    warmup_s: ClassVar[float] = 30.0
-    measure_s: ClassVar[float] = 120.0
+    warmup_s: ClassVar[float] = DEFAULT_WARMUP_S
+    measure_s: ClassVar[float] = DEFAULT_MEASURE_S
     drain_s: ClassVar[float] = 900.0  # the most the last step's requests may take to finish (users.request_timeout_s)
     user_classes: ClassVar[list[type[User]] | None] = None
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
-from gpufleet.apikeys import add_api_key
+from gpufleet.apikeys import add_api_key, read_api_keys
 from gpufleet.errors import ConfigError
 from gpufleet.fleet import Fleet, FleetHost, load_fleet
 from gpufleet.monitoring.targets import endpoints
@@ -116,8 +116,7 @@ def ensure_api_keys(fleet: Fleet, client: str = "testbed") -> list[tuple[Path, s
             continue
         settings = fleet_host.config.gateway
         path = fleet.root / settings.api_keys_file
-        have = {line.split()[0] for line in path.read_text(encoding="utf-8").splitlines()
-                if line.split()} if path.exists() else set()
+        have = {key.name for key in read_api_keys(path)} if path.exists() else set()
         for name in ([] if have else [client]) + list(settings.unlimited_clients):
             if name not in have:
                 add_api_key(path, name)

@@ -42,7 +42,7 @@ class Clock:
 
 
 class Environment:
-    """What cpu.attach reads of a Locust Environment (a plain class: collectors are keyed weakly)."""
+    """What collect.attach reads of a Locust Environment (a plain class: collectors are keyed weakly)."""
 
     def __init__(self, runner: Any) -> None:
         self.runner = runner
@@ -91,7 +91,7 @@ def test_a_worker_sends_its_samples_about_once_a_second_and_the_master_rebuilds_
     assert [len(batch) for _, batch in sent] == [2, 1]
 
     runner = MasterRunner()
-    master = cpu.attach(Environment(runner), cpu.collector(collect.MASTER))
+    master = collect.attach(Environment(runner), cpu.collector(collect.MASTER))
     for name, data in sent:
         runner.deliver(name, data)
     assert master.records == [first, second, third]
@@ -101,7 +101,7 @@ def test_a_worker_sends_its_samples_about_once_a_second_and_the_master_rebuilds_
 def test_the_master_gathers_every_workers_samples_for_the_gate() -> None:
     runner = MasterRunner()
     environment = Environment(runner)
-    cpu.attach(environment, cpu.collector(collect.MASTER))
+    collect.attach(environment, cpu.collector(collect.MASTER))
     assert list(runner.handlers) == [cpu.MESSAGE]
     for name, epoch in (("worker-a", 10.0), ("worker-b", 10.2)):
         outbox: list[tuple[str, Any]] = []
@@ -114,7 +114,7 @@ def test_the_master_gathers_every_workers_samples_for_the_gate() -> None:
 
 def test_a_worker_holds_no_samples_for_the_gate() -> None:
     environment = Environment(SimpleNamespace())
-    worker = cpu.attach(environment, cpu.collector(collect.WORKER, lambda message, data: None))
+    worker = collect.attach(environment, cpu.collector(collect.WORKER, lambda message, data: None))
     worker.add(CpuSample(1.0, 20.0, "w"))
     assert cpu.collected_samples(environment) == []
     assert cpu.collected_samples(Environment(SimpleNamespace())) == []  # never attached
