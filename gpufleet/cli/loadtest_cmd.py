@@ -28,7 +28,10 @@ from gpufleet.loadtest.schedule import (
     DEFAULT_RATES,
     DEFAULT_WARMUP_S,
     SEED_CONCURRENCY,
+    OpenLoopPlan,
+    concurrency_plan,
     levels_text,
+    parse_list,
 )
 from gpufleet.loadtest.sse import APIS, OPENAI_CHAT
 from gpufleet.loadtest.target import LOADTEST_CLIENT, resolve
@@ -130,7 +133,6 @@ def run_sweep(args: argparse.Namespace, target: Any, key_file: str, report_dir: 
 
     A trial the gate calls invalid (exit 2) ends the search: its level was neither met nor missed.
     """
-    from gpufleet.loadtest.shape_options import parse_list
     from gpufleet.loadtest.sweep import sweep_concurrency, sweep_rate
 
     ramp = args.shape == "ramp"
@@ -182,6 +184,14 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         return f"--processes must be >= 1, got {args.processes}"
     if args.input_tokens < 1 or args.output_tokens < 1:
         return "--input-tokens and --output-tokens must be >= 1"
+    try:  # the plan Locust would build, built here first: a bad level fails before any request
+        if args.shape == "ramp":
+            concurrency_plan(parse_list("--concurrency", args.concurrency, int), args.warmup_s, args.measure_s)
+        else:
+            OpenLoopPlan(rates=parse_list("--rates", args.rates, float), warmup_s=args.warmup_s,
+                         measure_s=args.measure_s, burstiness=args.burstiness, max_in_flight=args.max_in_flight)
+    except ValueError as exc:
+        return f"{exc} (--concurrency/--rates, --warmup-s, --measure-s, --burstiness, --max-in-flight)"
     return None
 
 

@@ -22,6 +22,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 WARMUP_PREFIX = "warmup:"
 SEED_CONCURRENCY: tuple[int, ...] = (1, 4, 8, 16, 32, 64)  # the seed's 4x4090D table
@@ -261,3 +262,15 @@ def shard(arrivals: Sequence[Arrival], index: int, count: int) -> list[Arrival]:
 def levels_text(levels: Sequence[float]) -> str:
     """Levels as the command line writes them: "1,4,8"."""
     return ",".join(f"{level:g}" for level in levels)
+
+
+def parse_list(option: str, text: str, kind: type[int] | type[float]) -> tuple[Any, ...]:
+    """"1,4,8" as numbers; ValueError naming the option."""
+    try:
+        values = tuple(kind(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{option}: {text!r} is not a comma-separated list of "
+                         f"{'whole numbers' if kind is int else 'numbers'}") from None
+    if not values:
+        raise ValueError(f"{option}: give at least one value")
+    return values

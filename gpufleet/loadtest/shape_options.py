@@ -25,6 +25,7 @@ from gpufleet.loadtest.schedule import (
     OpenLoopPlan,
     concurrency_plan,
     levels_text,
+    parse_list,
 )
 from gpufleet.loadtest.shapes import OpenLoopDispatcher, OpenLoopShape, StepRampShape
 
@@ -56,18 +57,6 @@ def install(events: Any) -> None:
     events.init_command_line_parser.add_listener(add_arguments)
     events.init.add_listener(_on_init)
     events.test_start.add_listener(_on_test_start)
-
-
-def parse_list(option: str, text: str, kind: type[int] | type[float]) -> tuple[Any, ...]:
-    """"1,4,8" as numbers; ValueError naming the option."""
-    try:
-        values = tuple(kind(part) for part in str(text).split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"{option}: {text!r} is not a comma-separated list of "
-                         f"{'whole numbers' if kind is int else 'numbers'}") from None
-    if not values:
-        raise ValueError(f"{option}: give at least one value")
-    return values
 
 
 def apply(environment: Environment) -> None:

@@ -311,3 +311,21 @@ def test_a_sweep_where_even_the_lowest_level_fails_exits_1(capsys, inventory, ga
     code = main(["loadtest", str(inventory), "--target", url, "--out", str(tmp_path), "--no-prometheus", "--sweep",
                  "--concurrency", "4,8"])
     assert code == 1 and "sweep: no concurrency met every SLO (4 fail)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--concurrency", "1,x"], "--concurrency: '1,x' is not a comma-separated list of whole numbers"),
+    (["--concurrency", "4,0"], "concurrency levels must be >= 1"),
+    (["--measure-s", "0"], "the measured time > 0"),
+    (["--shape", "open-loop", "--rates", "2,-1"], "rate must be a positive finite number"),
+    (["--shape", "open-loop", "--max-in-flight", "0"], "max_in_flight must be >= 1"),
+])
+def test_a_plan_that_cannot_be_built_exits_2_before_any_request(capsys, inventory, no_locust, monkeypatch,
+                                                                options: list[str], message: str) -> None:
+    def no_request(*_: Any, **__: Any) -> None:
+        raise AssertionError("the pre-check ran: the plan should have been refused first")
+
+    monkeypatch.setattr(loadtest_cmd, "preflight", no_request)
+    code = main(["loadtest", str(inventory), "--target", "http://127.0.0.1:9", *options])
+    assert code == 2
+    assert message in capsys.readouterr().err
