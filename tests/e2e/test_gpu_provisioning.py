@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -24,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from gpufleet import pyinfra_output
 from gpufleet.fleet import load_fleet
 from gpufleet.paths import REPO_ROOT
+from gpufleet.pyinfra_output import changed_operations
 from gpufleet.testbed import hosts as testbed
 from gpufleet.testbed.bed import ensure_api_keys, prepare_mirror
 
@@ -71,20 +72,9 @@ def pyinfra_run(inventory: Path, *extra: str, timeout: float = RUN_TIMEOUT_S) ->
 
 def grand_total(output: str) -> dict[str, int]:
     """pyinfra's results table, last row: hosts, changed ("success"), errors, unchanged."""
-    match = re.search(r"Grand total\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", output)
-    assert match, f"no results table in pyinfra's output:\n{output[-3000:]}"
-    values = [0 if cell == "-" else int(cell) for cell in match.groups()]
-    return dict(zip(("hosts", "changed", "errors", "unchanged"), values, strict=True))
-
-
-def changed_operations(output: str) -> list[str]:
-    """Rows of pyinfra's results table whose "Success" (changed) column is not empty."""
-    rows = []
-    for line in output.splitlines():
-        cells = re.split(r"\s{2,}", line.strip())
-        if len(cells) >= 5 and cells[0] not in ("Operation", "Grand total") and cells[-3] != "-":
-            rows.append(line.strip())
-    return rows
+    totals = pyinfra_output.grand_total(output)
+    assert totals is not None, f"no results table in pyinfra's output:\n{output[-3000:]}"
+    return totals
 
 
 def converges_without_changes(inventory: Path) -> None:
