@@ -30,7 +30,7 @@ test-integration: venv ## run the integration tests (real CLI and pyinfra runs o
 test-e2e: setup ## run the e2e tests (containers on this machine's Docker; builds the images if needed)
 	$(BIN)/pytest -m e2e $(PYTEST_ARGS)
 
-images: setup ## build the test bed's images if missing or out of date: gpufleet/debian:bookworm, gpufleet/sim:<version>
+images: setup ## build the test bed's images if missing or out of date: base, host, simulator and check image
 	$(BIN)/python -m gpufleet.testbed.images
 
 lint: venv ## ruff over the code and tests
@@ -75,13 +75,11 @@ bench: setup ## run the benchmarks in benchmarks/ and print their figures (about
 	$(BIN)/python benchmarks/bench_exporter.py
 	$(BIN)/python benchmarks/bench_loadtest_client.py
 
-demo: ## run the whole chain on this machine (not yet: lands with the one-machine test bed)
-	@echo "make demo: not yet. The one-machine test bed (simulated GPU hosts, deploy, load test) is still" >&2
-	@echo "being built; today try 'make plan' and 'make validate' (see README)." >&2
-	@exit 1
+demo: setup ## the whole chain on this machine: images, test bed, deploy/site.py, SLO ramp through the gateway, verdict and URLs
+	$(BIN)/python -m gpufleet.demo up
 
-demo-down: ## remove everything `make demo` made (nothing yet)
-	@echo "make demo-down: nothing to remove; make demo has not landed yet"
+demo-down: ## remove everything make demo made: test bed hosts, their keys, the images and the cache (reports stay)
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m gpufleet.demo down --all; else echo "make demo-down: no .venv, so make demo never ran here"; fi
 
 clean: ## remove the virtualenv and caches (images stay in Docker: docker rmi gpufleet/sim:... to drop them)
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .cache/testbed

@@ -148,21 +148,40 @@ def host_containers(fleet: Fleet) -> dict[str, int]:
 
 
 def up(inventory: Path) -> list[testbed.TestbedHost]:
+    """Start the inventory's hosts; hosts already running are reused (a second `up` changes nothing).
+
+    A stopped host (Docker restarted, the machine rebooted) is removed and made anew: its systemd
+    and nested Docker state after an unclean stop is not worth trusting, and deploy/site.py
+    converges a new host the same way.
+    """
     fleet = load_fleet(inventory, check_secrets=False)
     wanted = host_containers(fleet)
     for path, client in ensure_api_keys(fleet):
         log(f"added a key for client {client!r} to {path} (gpufleet keys add to add more)")
     mirror = prepare_mirror(cache_dir() / "mirror", sim_image=True, inventory=inventory)
-    started = testbed.start_hosts(list(wanted), mirror_dir=mirror, gpus=wanted, publish=gateway_ports(fleet),
-                                  networks=host_networks(fleet))
-    for host in started:
+    states = {name: testbed.host_state(name) for name in wanted}
+    running = [name for name, state in states.items() if state == "running"]
+    stopped = [name for name, state in states.items() if state == "stopped"]
+    if running:
+        log(f"reusing the running host(s) {', '.join(running)} (make testbed-down first for new ones)")
+    if stopped:
+        log(f"removing the stopped host(s) {', '.join(stopped)} to start them anew")
+        testbed.stop_hosts([testbed.TestbedHost(name, testbed.container_name(name), wanted[name]) for name in stopped])
+    new = [name for name in wanted if name not in running]
+    started = {host.name: host for host in testbed.start_hosts(
+        new, mirror_dir=mirror, gpus={name: wanted[name] for name in new},
+        publish={name: ports for name, ports in gateway_ports(fleet).items() if name in new},
+        networks={name: network for name, network in host_networks(fleet).items() if name in new})}
+    hosts = [started.get(name) or testbed.TestbedHost(name, testbed.container_name(name), wanted[name])
+             for name in wanted]
+    for host in hosts:
         for port in gateway_ports(fleet).get(host.name, []):
             log(f"{host.name}: gateway port {port} is http://127.0.0.1:{host.published(port)}")
     for fleet_host in fleet.in_group("monitoring"):
         log(f"{fleet_host.name}: after deploy/site.py, {', '.join(monitoring_urls(fleet_host))}")
-    log(f"test bed up: {', '.join(h.container for h in started)}; "
+    log(f"test bed up: {', '.join(h.container for h in hosts)}; "
         f"now: pyinfra -y {inventory}/inventory.py deploy/site.py")
-    return started
+    return hosts
 
 
 def down(inventory: Path) -> None:

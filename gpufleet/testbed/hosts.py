@@ -184,6 +184,15 @@ def _container_running(container: str) -> bool:
     return proc.stdout.strip() == "true"
 
 
+def host_state(name: str) -> str | None:
+    """"running" or "stopped" for the host's container, None when there is none."""
+    proc = _docker("container", "inspect", "--format", "{{.State.Running}}", container_name(name), what="inspect",
+                   check=False)
+    if proc.returncode != 0:
+        return None
+    return "running" if proc.stdout.strip() == "true" else "stopped"
+
+
 # --- per-host folders: PCI tree and apt archives ----------------------------------------------
 
 

@@ -495,22 +495,40 @@ def ensure_sim_image(*, force: bool = False) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m gpufleet.testbed.images`: build (or find cached) the test bed's images."""
     parser = argparse.ArgumentParser(prog="python -m gpufleet.testbed.images", description=main.__doc__)
-    parser.add_argument("--force", action="store_true", help="rebuild both images even if they exist")
+    parser.add_argument("--force", action="store_true", help="rebuild every image even if it exists")
     args = parser.parse_args(argv)
     try:
-        started = time.monotonic()
-        print(ensure_base_image(force=args.force), f"({time.monotonic() - started:.1f}s)")
-        started = time.monotonic()
-        tag = ensure_sim_image(force=args.force)
-        print(tag, f"= {SIM_IMAGE}", f"({time.monotonic() - started:.1f}s)")
+        ensure_docker()
+        for what, build in (("base", ensure_base_image), ("host", ensure_host_image),
+                            ("simulator", ensure_sim_image), ("check", ensure_busybox_image)):
+            started = time.monotonic()
+            log(f"{what} image: checking (built only when missing or out of date)")
+            tag = build(force=args.force)
+            print(f"{tag} ({what} image, {time.monotonic() - started:.1f}s)", flush=True)
     except ImageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def remove_images_and_cache() -> list[str]:
+    """Remove every test bed image (each gpufleet/* repository this module builds) and the cache folder.
+
+    What `make demo-down` removes beyond the hosts; the next build starts from debootstrap. An
+    image a container still uses is refused by Docker, reported in ImageError.
+    """
+    removed = []
+    for repository in (SIM_REPOSITORY, HOST_REPOSITORY, BUSYBOX_IMAGE.split(":")[0], BASE_IMAGE.split(":")[0]):
+        listing = _run(["docker", "image", "ls", "--format", "{{.Repository}}:{{.Tag}}", repository],
+                       what="docker image ls").stdout.split()
+        if listing:
+            _run(["docker", "image", "rm", *listing], what=f"docker image rm {repository}")
+            removed += [f"image {tag}" for tag in listing]
+    cache = cache_dir()
+    if cache.exists():
+        shutil.rmtree(cache)
+        removed.append(f"cache folder {cache}")
+    return removed
 
 
 # --- host image (the test bed's GPU hosts) ---------------------------------------------------
@@ -710,3 +728,7 @@ def ensure_busybox_image(*, force: bool = False) -> str:
             if proc.returncode != 0 or tar.returncode != 0:
                 raise ImageError(f"docker import {BUSYBOX_IMAGE} failed: {proc.stderr.strip()[-1000:]}")
     return BUSYBOX_IMAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
