@@ -25,7 +25,7 @@ def _local_fleet(tmp_path: Path) -> Path:
 
 def _local_monitoring_host(tmp_path: Path) -> Path:
     """This machine as a monitoring host: site.py's GPU roles skip it, and its monitoring roles need
-    systemd, which a CI container lacks (tests/e2e/test_monitoring.py runs them on systemd host
+    systemd, which a CI container lacks (tests/e2e/test_full_stack.py runs them on systemd host
     containers)."""
     root = _local_fleet(tmp_path)
     (root / "group_vars" / "gpu.yml").unlink()
