@@ -52,10 +52,18 @@ def _section_model(info: FieldInfo) -> type[BaseModel] | None:
     return None
 
 
+def _is_text(annotation: Any) -> bool:
+    """str, or str | None: a text field, whatever its constraints."""
+    return annotation is str or (typing.get_origin(annotation) not in (list, tuple)
+                                 and str in typing.get_args(annotation))
+
+
 def _constraints(info: FieldInfo) -> str:
     parts = []
+    # min_length bounds a text's characters or a list's items alike
+    sized = "min length" if _is_text(info.annotation) else "min items"
     for meta in info.metadata:
-        for name, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "min items")):
+        for name, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", sized)):
             value = getattr(meta, name, None)
             if value is not None:
                 parts.append(f"{sign} {value}")

@@ -1,7 +1,7 @@
 """Load a fleet: read the inventory, validate every host, plan every GPU host.
 
 This is the single way configuration enters gpufleet: the CLI, the pyinfra inventory adapter
-and (later) the roles, the gateway, monitoring and load tests all start from `load_fleet`. It
+and the roles, the gateway, monitoring and load tests all start from `load_fleet`. It
 either returns a fully validated, planned fleet or raises one `ConfigError` listing every
 problem, before any host is contacted.
 """

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
     fleet = load_fleet(args.inventory)
     target = resolve(fleet, gateway=args.gateway, client=args.client, url=args.target,
-                     prometheus_url=None if args.no_prometheus else args.prometheus)
+                     prometheus_url="" if args.no_prometheus else args.prometheus)
     prometheus = None if args.no_prometheus else target.prometheus_url
     report_dir = args.out or default_report_dir()
     for note in target.notes:
@@ -229,14 +229,14 @@ def preflight(url: str, api_key: str | None) -> tuple[str, str] | None:
     """None when the target answers `GET /v1/models` with the key; else (what went wrong, how to fix it)."""
     probe = f"{url}/v1/models"
     request = urllib.request.Request(probe, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-    down = "check that the gateway and its engines are up (on the test bed: make serve)"
+    down = "check that the gateway and its engines are up: pyinfra -y INVENTORY/inventory.py deploy/site.py"
     try:
         with urllib.request.urlopen(request, timeout=PREFLIGHT_TIMEOUT_S) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             return (f"GET {probe}: HTTP 401, the key was refused",
-                    "deploy the gateway again after adding keys (deploy/gateway.py; on the test bed: make serve)")
+                    "deploy the gateway again after adding keys: pyinfra -y INVENTORY/inventory.py deploy/gateway.py")
         return f"GET {probe}: HTTP {exc.code}", down
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return f"GET {probe}: the target does not answer ({getattr(exc, 'reason', exc)})", down
