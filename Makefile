@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 LOADTEST_ARGS ?=
 
-.PHONY: help setup venv test test-unit test-integration test-e2e images lint plan validate docs testbed-up testbed-down provision serve monitoring loadtest rollout demo demo-down bench clean
+.PHONY: help setup venv test test-unit test-integration test-e2e images lint plan validate docs testbed-up testbed-down provision serve monitoring loadtest rollout demo demo-down bench bench-demo clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -74,6 +74,9 @@ bench: setup ## run the benchmarks in benchmarks/ and print their figures (about
 	$(BIN)/python benchmarks/bench_gateway_ttft.py
 	$(BIN)/python benchmarks/bench_exporter.py
 	$(BIN)/python benchmarks/bench_loadtest_client.py
+
+bench-demo: setup ## time make demo cold (after demo-down: images rebuilt) and warm; removes the test bed and images (about 20 minutes)
+	$(BIN)/python benchmarks/bench_demo.py
 
 demo: setup ## the whole chain on this machine: images, test bed, deploy/site.py, SLO ramp through the gateway, verdict and URLs
 	$(BIN)/python -m gpufleet.demo up
