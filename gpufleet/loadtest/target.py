@@ -123,8 +123,11 @@ def _gateway_url(host: FleetHost) -> str:
         return f"http://127.0.0.1:{published_port(host, port)}"
     reached = controller_address(address, host)
     if reached is None:
-        raise _problem(host, "gateway.listen", f"the gateway listens on {settings.listen}, which only {host.name} "
-                       "itself reaches", f"run the load test on {host.name}, or through a tunnel with --target URL")
+        origin = _inventory_origin(host, ("gateway", "listen"))
+        raise ConfigError([Problem(
+            file=origin.file, line=origin.line, key="gateway.listen", host=host.name,
+            message=f"the gateway listens on {settings.listen}, which only {host.name} itself reaches",
+            fix=f"run the load test on {host.name}, or through a tunnel with --target URL")])
     return f"http://{host_port(reached, port)}"
 
 

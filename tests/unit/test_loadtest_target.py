@@ -63,6 +63,7 @@ def test_a_gateway_on_loopback_is_refused_with_the_ways_to_reach_it(loadtest_inv
     text = rendered(caught)
     assert "(host gw-01): gateway.listen: the gateway listens on 127.0.0.1:8080, which only gw-01 itself reaches" \
         in text
+    assert "group_vars/gateway.yml:" in text  # where listen was set, not where the host is defined
     assert "fix: run the load test on gw-01, or through a tunnel with --target URL" in text
     # a tunnel named with --target is the way out: the rest still comes from the inventory
     assert resolve(fleet, url="http://127.0.0.1:18080").url == "http://127.0.0.1:18080"
