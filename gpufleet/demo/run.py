@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gpufleet.demo.progress import Progress, clock
+from gpufleet.errors import ConfigError, Problem
 from gpufleet.fleet import Fleet, load_fleet
 from gpufleet.loadtest.target import LOADTEST_CLIENT
 from gpufleet.paths import REPO_ROOT, display_path
@@ -164,6 +165,18 @@ def chain(inventory: Path, run_dir: Path, ramp: Sequence[str], gateway: str) -> 
     ]
 
 
+def check_test_bed(fleet: Fleet) -> None:
+    """The demo starts its hosts as containers on this machine: every host must be a test bed host."""
+    real = [h.name for h in fleet.hosts if h.config.ansible_connection != "docker"]
+    if real:
+        raise ConfigError([Problem(
+            file=str(display_path(Path(fleet.inventory.hosts_file))), key="ansible_connection", host=", ".join(real),
+            message="the demo runs on this machine's test bed, and these hosts are not test bed hosts "
+                    "(ansible_connection: docker)",
+            fix="run the demo on inventories/local; for real hosts follow docs/real-hosts.md "
+                "(pyinfra INVENTORY/inventory.py deploy/site.py, then gpufleet loadtest INVENTORY)")])
+
+
 def first_gateway(fleet: Fleet) -> str:
     gateways = [h.name for h in fleet.hosts if h.gateway is not None]
     if not gateways:
@@ -225,6 +238,7 @@ def up(inventory: Path, ramp: Sequence[str] = DEMO_RAMP, reports: Path = REPORTS
     """Run the chain; the gate's exit code (0 pass, 1 an SLO failed), 2 when a step could not run."""
     stream = stream or sys.stdout
     fleet = load_fleet(inventory, check_secrets=False)
+    check_test_bed(fleet)
     gateway = first_gateway(fleet)
     started = datetime.now(timezone.utc)
     run_dir = reports / f"demo-{started:%Y%m%dT%H%M%SZ}"
@@ -260,6 +274,7 @@ def down(inventory: Path, everything: bool = False, stream=None) -> list[str]:
     What was removed, one line each."""
     stream = stream or sys.stdout
     fleet = load_fleet(inventory, check_secrets=False)
+    check_test_bed(fleet)
     removed = [f"host {name}" for name in bed.host_containers(fleet) if testbed.host_state(name) is not None]
     bed.down(inventory)
     if everything:

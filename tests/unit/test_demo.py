@@ -199,3 +199,13 @@ def test_a_broken_load_test_is_explained_by_the_gate_not_by_locusts_table() -> N
     assert explained[-1] == "reports/x/loadtest.json" and not any("POST" in line for line in explained)
     refused = ["error: GET http://127.0.0.1:9/v1/models: the target does not answer\n", "  fix: check\n", "x\n"]
     assert loadtest_explain(refused) == refused[:2]
+
+
+@pytest.mark.parametrize("action", ["up", "down"])
+def test_the_demo_refuses_real_hosts(action: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "gpufleet.demo", action, "--inventory",
+                           str(REPO_ROOT / "inventories" / "example")],
+                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "inventories/example/hosts.yml" in proc.stderr and "ansible_connection" in proc.stderr
+    assert "not test bed hosts" in proc.stderr and "docs/real-hosts.md" in proc.stderr
