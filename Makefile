@@ -81,7 +81,7 @@ bench-demo: setup ## time make demo cold (after demo-down: images rebuilt) and w
 demo: setup ## the whole chain on this machine: images, test bed, deploy/site.py, SLO ramp through the gateway, verdict and URLs
 	$(BIN)/python -m gpufleet.demo up
 
-demo-down: ## remove everything make demo made: test bed hosts, their keys, the images and the cache (reports stay)
+demo-down: ## remove everything make demo made: test bed hosts, their keys, the images, the caches (reports stay)
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m gpufleet.demo down --all; else echo "make demo-down: no .venv, so make demo never ran here"; fi
 
 clean: ## remove the virtualenv and caches (images stay in Docker: docker rmi gpufleet/sim:... to drop them)

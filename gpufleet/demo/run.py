@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from gpufleet.agent.bundle import DEFAULT_OUT as AGENT_BUNDLE
 from gpufleet.demo.progress import Progress, clock
 from gpufleet.errors import ConfigError, Problem
 from gpufleet.fleet import Fleet, load_fleet
@@ -270,7 +272,8 @@ def _write_result(run_dir: Path, result: DemoResult) -> None:
 
 
 def down(inventory: Path, everything: bool = False, stream=None) -> list[str]:
-    """Remove the test bed of `inventory`; with `everything`, also the test bed's keys, images and caches.
+    """Remove the test bed of `inventory`; with `everything`, also the test bed's keys, images, image cache
+    and the agent bundle the deploy built.
     What was removed, one line each."""
     stream = stream or sys.stdout
     fleet = load_fleet(inventory, check_secrets=False)
@@ -283,6 +286,10 @@ def down(inventory: Path, everything: bool = False, stream=None) -> list[str]:
                 path.unlink()
                 removed.append(f"keys file {display_path(path)}")
         removed += images.remove_images_and_cache()
+        agent = AGENT_BUNDLE.parent  # site.py builds it from this checkout on every run
+        if agent.exists():
+            shutil.rmtree(agent)
+            removed.append(f"agent bundle folder {display_path(agent)}")
     for line in removed or ["nothing: no test bed was up"]:
         print(f"removed {line}", file=stream)
     kept = "kept: the load test reports in reports/"
