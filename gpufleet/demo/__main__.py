@@ -38,6 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (HostError, ImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the step's command got the same Ctrl-C and stopped
+        print("\ninterrupted: what is up stays up; make demo runs again from here, make demo-down removes it",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
