@@ -97,7 +97,7 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from gpufleet.fleet import load_fleet
 
-    problem = _argument_problem(args)
+    problem = argument_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -177,7 +177,7 @@ class InvalidTrial(Exception):
         self.code = code
 
 
-def _argument_problem(args: argparse.Namespace) -> str | None:
+def argument_problem(args: argparse.Namespace) -> str | None:
     if args.prompts == "chat-set" and args.api != OPENAI_CHAT:
         return "--prompts chat-set holds chat messages: use it with --api openai-chat, or --prompts synthetic"
     if args.processes < 1:

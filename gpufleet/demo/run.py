@@ -27,16 +27,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gpufleet.agent.bundle import DEFAULT_OUT as AGENT_BUNDLE
+from gpufleet.cli.loadtest_cmd import argument_problem
+from gpufleet.cli.main import build_parser
 from gpufleet.demo.progress import Progress, clock
 from gpufleet.errors import ConfigError, Problem
 from gpufleet.fleet import Fleet, load_fleet
+from gpufleet.loadtest.prompts import SEED_INPUT_LENGTHS, SEED_OUTPUT_TOKENS
+from gpufleet.loadtest.schedule import DEFAULT_MEASURE_S, DEFAULT_WARMUP_S, SEED_CONCURRENCY, levels_text
 from gpufleet.loadtest.target import LOADTEST_CLIENT
 from gpufleet.paths import REPO_ROOT, display_path
 from gpufleet.pyinfra_output import RunWatcher, grand_total, plain
 from gpufleet.testbed import bed, images
 from gpufleet.testbed import hosts as testbed
 
-DEFAULT_INVENTORY = REPO_ROOT / "inventories" / "local"
+DEFAULT_INVENTORY = bed.DEFAULT_INVENTORY
 REPORTS = REPO_ROOT / "reports"
 BIN = Path(sys.executable).parent
 # The demo's ramp: the seed's first steps with short prompts and answers, so each step gathers the
@@ -179,6 +183,19 @@ def check_test_bed(fleet: Fleet) -> None:
                 "(pyinfra INVENTORY/inventory.py deploy/site.py, then gpufleet loadtest INVENTORY)")])
 
 
+def check_ramp(inventory: Path, ramp: Sequence[str]) -> None:
+    """The ramp's options parsed and checked as `gpufleet loadtest` will, so a bad one stops the demo
+    before any image is built or host started (ValueError; argparse has printed its own message)."""
+    try:
+        args = build_parser().parse_args(["loadtest", str(inventory), *ramp])
+    except SystemExit as exc:
+        raise ValueError(f"--ramp {shlex.join(ramp)!r}: gpufleet loadtest refuses these options (see above); "
+                         f"the default is {shlex.join(DEMO_RAMP)!r}") from exc
+    problem = argument_problem(args)
+    if problem:
+        raise ValueError(f"--ramp: {problem}")
+
+
 def first_gateway(fleet: Fleet) -> str:
     gateways = [h.name for h in fleet.hosts if h.gateway is not None]
     if not gateways:
@@ -190,13 +207,14 @@ def first_gateway(fleet: Fleet) -> str:
 def service_urls(fleet: Fleet) -> dict[str, str]:
     """What a user opens next: each gateway on this machine's loopback, the monitoring services."""
     urls: dict[str, str] = {}
+    gateways = bed.gateway_ports(fleet)
     for fleet_host in fleet.hosts:
-        for port in bed.gateway_ports(fleet).get(fleet_host.name, []):
+        for port in gateways.get(fleet_host.name, []):
             urls[f"gateway {fleet_host.name}"] = f"http://127.0.0.1:{bed.published_port(fleet_host, port)}"
-    for fleet_host in fleet.in_group("monitoring"):
-        for entry in bed.monitoring_urls(fleet_host):
-            name, url = entry.split(" ", 1)
-            urls[name if len(fleet.in_group("monitoring")) == 1 else f"{name} {fleet_host.name}"] = url
+    monitoring = fleet.in_group("monitoring")
+    for fleet_host in monitoring:
+        for name, url in bed.monitoring_urls(fleet_host):
+            urls[name if len(monitoring) == 1 else f"{name} {fleet_host.name}"] = url
     return urls
 
 
@@ -226,12 +244,13 @@ def summary(result: DemoResult, fleet: Fleet) -> str:
     gateway_url = next((url for name, url in result.urls.items() if name.startswith("gateway ")), None)
     if keys is not None and gateway_url:
         lines.append("")
-        lines.append("  try the API   KEY=$(awk '$1==\"testbed\" {print $2}' " + f"{display_path(keys)})")
+        lines.append(f"  try the API   KEY=$(awk '$1==\"{bed.TESTBED_CLIENT}\" {{print $2}}' {display_path(keys)})")
         lines.append(f"                curl -s {gateway_url}/v1/models -H \"Authorization: Bearer $KEY\"")
-    lines.append(f"  Locust web UI {BIN.relative_to(REPO_ROOT) if BIN.is_relative_to(REPO_ROOT) else BIN}/gpufleet "
-                 f"loadtest {inv} --web   (then http://127.0.0.1:8089)")
-    lines.append(f"  the seed ramp make loadtest   (1-64 concurrent, 512/512 tokens, 2-minute steps: ~16 minutes; "
-                 f"client {LOADTEST_CLIENT!r})")
+    lines.append(f"  Locust web UI {display_path(BIN)}/gpufleet loadtest {inv} --web   (then http://127.0.0.1:8089)")
+    minutes = len(SEED_CONCURRENCY) * (DEFAULT_WARMUP_S + DEFAULT_MEASURE_S) / 60
+    lines.append(f"  the seed ramp make loadtest   (concurrency {levels_text(SEED_CONCURRENCY)}, "
+                 f"{SEED_INPUT_LENGTHS[0]}/{SEED_OUTPUT_TOKENS} tokens, {DEFAULT_MEASURE_S:g} s measured per step: "
+                 f"~{minutes:.0f} minutes; client {LOADTEST_CLIENT!r})")
     lines.append("  remove it all make demo-down")
     return "\n".join(lines)
 
@@ -241,6 +260,7 @@ def up(inventory: Path, ramp: Sequence[str] = DEMO_RAMP, reports: Path = REPORTS
     stream = stream or sys.stdout
     fleet = load_fleet(inventory, check_secrets=False)
     check_test_bed(fleet)
+    check_ramp(inventory, ramp)
     gateway = first_gateway(fleet)
     started = datetime.now(timezone.utc)
     run_dir = reports / f"demo-{started:%Y%m%dT%H%M%SZ}"

@@ -29,6 +29,7 @@ from gpufleet.testbed.images import ImageError, cache_dir, log, run_command
 from gpufleet.testbed.standin import StandinError, build_mirror
 
 DEFAULT_INVENTORY = REPO_ROOT / "inventories" / "local"
+TESTBED_CLIENT = "testbed"  # the client whose key `up` makes when a gateway has no keys file
 
 
 def _mirror_path(url: str | None, what: str) -> Path:
@@ -99,15 +100,15 @@ def host_networks(fleet: Fleet) -> dict[str, testbed.HostNetwork]:
     return networks
 
 
-def monitoring_urls(fleet_host: FleetHost) -> list[str]:
-    """Where a test bed monitoring host's services answer on this machine (it shares its network)."""
+def monitoring_urls(fleet_host: FleetHost) -> list[tuple[str, str]]:
+    """(service, URL) where a test bed monitoring host's services answer on this machine (it shares its network)."""
     monitoring = fleet_host.config.monitoring
     ports = monitoring.ports
-    return [f"{name} http://{host_port(monitoring.listen_address, port)}" for name, port in
+    return [(name, f"http://{host_port(monitoring.listen_address, port)}") for name, port in
             (("Prometheus", ports.prometheus), ("Alertmanager", ports.alertmanager), ("Grafana", ports.grafana))]
 
 
-def ensure_api_keys(fleet: Fleet, client: str = "testbed") -> list[tuple[Path, str]]:
+def ensure_api_keys(fleet: Fleet, client: str = TESTBED_CLIENT) -> list[tuple[Path, str]]:
     """Keys the test bed needs and lacks: `client`'s where a keys file is missing, and one for each of the
     gateways' `unlimited_clients` (the load test's); (file, client) for each key made (files 0600)."""
     made = []
@@ -168,17 +169,19 @@ def up(inventory: Path) -> list[testbed.TestbedHost]:
         log(f"removing the stopped host(s) {', '.join(stopped)} to start them anew")
         testbed.stop_hosts([testbed.TestbedHost(name, testbed.container_name(name), wanted[name]) for name in stopped])
     new = [name for name in wanted if name not in running]
+    publish = gateway_ports(fleet)
     started = {host.name: host for host in testbed.start_hosts(
         new, mirror_dir=mirror, gpus={name: wanted[name] for name in new},
-        publish={name: ports for name, ports in gateway_ports(fleet).items() if name in new},
+        publish={name: ports for name, ports in publish.items() if name in new},
         networks={name: network for name, network in host_networks(fleet).items() if name in new})}
     hosts = [started.get(name) or testbed.TestbedHost(name, testbed.container_name(name), wanted[name])
              for name in wanted]
     for host in hosts:
-        for port in gateway_ports(fleet).get(host.name, []):
+        for port in publish.get(host.name, []):
             log(f"{host.name}: gateway port {port} is http://127.0.0.1:{host.published(port)}")
     for fleet_host in fleet.in_group("monitoring"):
-        log(f"{fleet_host.name}: after deploy/site.py, {', '.join(monitoring_urls(fleet_host))}")
+        urls = ", ".join(f"{name} {url}" for name, url in monitoring_urls(fleet_host))
+        log(f"{fleet_host.name}: after deploy/site.py, {urls}")
     log(f"test bed up: {', '.join(h.container for h in hosts)}; "
         f"now: pyinfra -y {inventory}/inventory.py deploy/site.py")
     return hosts

@@ -171,14 +171,16 @@ def test_the_summary_gives_the_verdict_report_and_where_to_go_next(tmp_path: Pat
 
 @pytest.mark.parametrize("action", ["up", "down"])
 def test_a_bad_inventory_stops_the_demo_before_anything_runs(tmp_path: Path, action: str) -> None:
-    (tmp_path / "hosts.yml").write_text("all:\n  children:\n    gpu:\n      hosts:\n        gpu-01: {gpus: 4}\n")
-    proc = subprocess.run([sys.executable, "-m", "gpufleet.demo", action, "--inventory", str(tmp_path)],
+    inventory = tmp_path / "inventory"
+    inventory.mkdir()
+    (inventory / "hosts.yml").write_text("all:\n  children:\n    gpu:\n      hosts:\n        gpu-01: {gpus: 4}\n")
+    reports = ["--reports", str(tmp_path / "reports")] if action == "up" else []
+    proc = subprocess.run([sys.executable, "-m", "gpufleet.demo", action, "--inventory", str(inventory), *reports],
                           capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert str(tmp_path / "hosts.yml") in proc.stderr and "gpus" in proc.stderr
+    assert str(inventory / "hosts.yml") in proc.stderr and "gpus" in proc.stderr
     assert "fix:" in proc.stderr
-    assert not (REPO_ROOT / "reports").exists() or not any(
-        p.stat().st_mtime > tmp_path.stat().st_mtime for p in (REPO_ROOT / "reports").glob("demo-*"))
+    assert not (tmp_path / "reports").exists() and "removed" not in proc.stdout
 
 
 def test_a_broken_load_test_is_explained_by_the_gate_not_by_locusts_table() -> None:
@@ -209,3 +211,15 @@ def test_the_demo_refuses_real_hosts(action: str) -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "inventories/example/hosts.yml" in proc.stderr and "ansible_connection" in proc.stderr
     assert "not test bed hosts" in proc.stderr and "docs/real-hosts.md" in proc.stderr
+
+
+@pytest.mark.parametrize(("ramp", "said"), [
+    ("--concurrency 0,4", "--ramp: "),
+    ("--concurency 1,4", "gpufleet loadtest refuses these options"),
+])
+def test_a_bad_ramp_stops_the_demo_before_anything_runs(tmp_path: Path, ramp: str, said: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "gpufleet.demo", "up", "--ramp", ramp, "--reports", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert said in proc.stderr and "Docker" not in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # no run folder: no step started
