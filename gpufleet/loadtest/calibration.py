@@ -47,6 +47,16 @@ class TimingErrors:
     coalesced_chunks: int = 0  # chunks that held more than one token
     excluded: int = 0  # TTFT and ITL samples left out: they fell in an excluded window
 
+    def pooled(self, other: TimingErrors) -> TimingErrors:
+        """These errors and `other`'s as one sample: runs on a noisy host each keep only their
+        undisturbed moments, and together they reach the count a p99 needs."""
+        return TimingErrors(ttft_ms=self.ttft_ms + other.ttft_ms, itl_ms=self.itl_ms + other.itl_ms,
+                            lag_ms=self.lag_ms + other.lag_ms, matched=self.matched + other.matched,
+                            unmatched=self.unmatched + other.unmatched,
+                            inconsistent=self.inconsistent + other.inconsistent,
+                            coalesced_chunks=self.coalesced_chunks + other.coalesced_chunks,
+                            excluded=self.excluded + other.excluded)
+
     def summary(self) -> dict[str, Any]:
         def stats(values: list[float]) -> dict[str, float]:
             absolute = [abs(v) for v in values]

@@ -556,6 +556,17 @@ def test_calibration_leaves_out_what_a_stolen_moment_touched() -> None:
     assert everything.excluded == 4 and everything.ttft_ms == everything.itl_ms == []
 
 
+def test_pooled_errors_are_one_sample_of_both_runs() -> None:
+    record = interpret(meta(), reads_at((100.1005, CHAT_WRITES[0]), (100.1302, CHAT_WRITES[1]),
+                                        (100.1650, CHAT_WRITES[2]), (100.1900, CHAT_WRITES[3])))
+    log = _logged([100.1000, 100.1300, 100.1600, 100.1900])
+    quiet, stolen = compare([record], log), compare([record], log, exclude=[(100.15, 100.17)])
+    pooled = quiet.pooled(stolen)
+    assert pooled.matched == 2 and pooled.excluded == 2
+    assert pooled.ttft_ms == pytest.approx([0.5, 0.5]) and pooled.itl_ms == pytest.approx([-0.3, 4.8, -5.0, -0.3])
+    assert pooled.summary()["itl_ms"]["n"] == 4 and quiet.itl_ms == pytest.approx([-0.3, 4.8, -5.0])  # inputs kept
+
+
 def test_steal_watch_marks_the_intervals_in_which_steal_moved(tmp_path: Path) -> None:
     stat = tmp_path / "stat"
 
