@@ -64,8 +64,6 @@ LOCUST = Path(sys.executable).parent / "locust"
 BOUND_MS = 2.0
 MAX_FOREIGN = 0.10
 MAX_DISTURBED = 0.2
-MIN_TTFT_SAMPLES = 100  # a p99 needs 100 samples (the gate's rule)
-MIN_ITL_SAMPLES = 5_000
 SIM_LAG_BOUND_MS = 1.0
 MAX_MISSES = 2  # a client drops out after missing this many levels in a row
 SIM_CPU, CLIENT_CPU = 0, 1
@@ -186,10 +184,8 @@ class Run:
     def quiet(self) -> bool:
         """Other processes left the CPUs alone, the hypervisor the client's CPU (at most a fifth of
         the intervals: more, and steal too short to move its counter is everywhere too), and
-        enough samples are left for a p99 (the gate's rule: 100 beyond it)."""
-        s = self.summary
-        return (self.foreign <= MAX_FOREIGN and self.disturbed <= MAX_DISTURBED
-                and s["ttft_ms"]["n"] >= MIN_TTFT_SAMPLES and s["itl_ms"]["n"] >= MIN_ITL_SAMPLES)
+        enough samples are left for a p99 (TimingErrors.enough_for_p99)."""
+        return self.foreign <= MAX_FOREIGN and self.disturbed <= MAX_DISTURBED and self.errors.enough_for_p99()
 
     @property
     def summary(self) -> dict[str, Any]:

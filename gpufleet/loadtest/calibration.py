@@ -25,13 +25,18 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gpufleet.loadtest.gate import GateRules
 from gpufleet.loadtest.record import RequestRecord
 
 Window = tuple[float, float]  # (start, end) on CLOCK_MONOTONIC
+# A calibration's TTFT p99 needs the gate's 100 samples; ITL, counted by the thousand, keeps 50
+# beyond its p99 (5,000), so that no one stray sample is the p99.
+MIN_TTFT_SAMPLES = GateRules().min_tail_samples()
+MIN_ITL_SAMPLES = GateRules(tail_samples=50).min_tail_samples()
 
 
 @dataclass
@@ -50,12 +55,11 @@ class TimingErrors:
     def pooled(self, other: TimingErrors) -> TimingErrors:
         """These errors and `other`'s as one sample: runs on a noisy host each keep only their
         undisturbed moments, and together they reach the count a p99 needs."""
-        return TimingErrors(ttft_ms=self.ttft_ms + other.ttft_ms, itl_ms=self.itl_ms + other.itl_ms,
-                            lag_ms=self.lag_ms + other.lag_ms, matched=self.matched + other.matched,
-                            unmatched=self.unmatched + other.unmatched,
-                            inconsistent=self.inconsistent + other.inconsistent,
-                            coalesced_chunks=self.coalesced_chunks + other.coalesced_chunks,
-                            excluded=self.excluded + other.excluded)
+        return TimingErrors(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def enough_for_p99(self) -> bool:
+        """Samples enough for a TTFT and an ITL p99 (MIN_TTFT_SAMPLES, MIN_ITL_SAMPLES)."""
+        return len(self.ttft_ms) >= MIN_TTFT_SAMPLES and len(self.itl_ms) >= MIN_ITL_SAMPLES
 
     def summary(self) -> dict[str, Any]:
         def stats(values: list[float]) -> dict[str, float]:

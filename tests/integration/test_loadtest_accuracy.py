@@ -37,7 +37,14 @@ import pytest
 import yaml
 
 import gpufleet.sim
-from gpufleet.loadtest.calibration import StealWatch, TimingErrors, compare, percentile
+from gpufleet.loadtest.calibration import (
+    MIN_ITL_SAMPLES,
+    MIN_TTFT_SAMPLES,
+    StealWatch,
+    TimingErrors,
+    compare,
+    percentile,
+)
 from gpufleet.loadtest.record import RequestRecord
 from tests.integration.gateway_harness import HOST, SimProcess, running_sims
 
@@ -49,8 +56,6 @@ LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
 P50_BOUND_MS = 0.5
 P99_BOUND_MS = 5.0
 TRIES = 5
-MIN_TTFT_SAMPLES = 100
-MIN_ITL_SAMPLES = 5_000
 
 
 def key_file(folder: Path) -> Path:
@@ -125,11 +130,6 @@ class Measurement:
         assert self.errors.matched == len(ok) and self.errors.unmatched == self.errors.inconsistent == 0
 
 
-def enough_for_a_p99(errors: TimingErrors) -> bool:
-    """The gate's rule for a p99: 100 samples; ITL 5,000 so one stray sample cannot be the p99."""
-    return len(errors.ttft_ms) >= MIN_TTFT_SAMPLES and len(errors.itl_ms) >= MIN_ITL_SAMPLES
-
-
 def measure_64_streams(folder: Path) -> Measurement:
     """64 OpenAIChatUsers for 15 s, Locust and the simulator on CPUs of their own."""
     folder.mkdir()
@@ -176,7 +176,7 @@ def test_64_streams_are_timed_to_the_servers_own_record(tmp_path: Path) -> None:
               f"steal in {run.disturbed:.0%} of the run: {json.dumps(run.errors.summary(), indent=1)}")
         run.check_complete()
         pooled = pooled.pooled(run.errors)
-        if enough_for_a_p99(pooled):
+        if pooled.enough_for_p99():
             break
     else:
         pytest.fail(f"the machine was too noisy to measure: the hypervisor stole Locust's CPU so often in {TRIES} "
